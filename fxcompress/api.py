@@ -1,0 +1,187 @@
+"""The public entry points: ``compile`` and ``explain``.
+
+>>> cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="lossless"), backend="eager")
+>>> loss_fn(cm(x), y).backward()
+>>> print(fxcompress.explain(cm))
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .capture import CaptureLog, make_backend
+from .config import Backend, CompressConfig
+from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError
+from .ir import Report, ReportRow, target_name
+
+__all__ = ["compile", "explain", "CompressedModule"]
+
+_ORIG = "_orig_mod"
+
+
+def compile(
+    model: nn.Module, config: CompressConfig | None = None, *, backend: str | Backend = "inductor"
+) -> "CompressedModule":
+    """Compile ``model`` so that training steps save compressed activations.
+
+    The forward/backward graphs are captured with ``torch.compile`` on the
+    first training-mode call (and again for each new input shape); eval mode
+    and ``torch.no_grad()`` run the plain model. The returned module shares
+    parameters and buffers with ``model`` and has the same ``state_dict`` keys.
+    """
+    if not isinstance(model, nn.Module):
+        raise FxCompressError(
+            f"compile() takes a torch.nn.Module, got {type(model).__name__}; wrap a function "
+            f"in an nn.Module whose forward calls it"
+        )
+    if config is None:
+        config = CompressConfig()
+    if not isinstance(config, CompressConfig):
+        raise ConfigError(f"config={config!r} is not accepted; use fxcompress.CompressConfig(...) or None")
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        raise ConfigError(
+            f"backend={backend!r} is not accepted; use one of {', '.join(repr(b.value) for b in Backend)}"
+        ) from None
+    config.check_implemented()
+    return CompressedModule(model, config, backend)
+
+
+class CompressedModule(nn.Module):
+    """``model`` with fxcompress applied to its training steps.
+
+    Parameters and buffers are the original module's (one copy), registered
+    under ``_orig_mod`` like ``torch.compile``'s wrapper, but ``state_dict``
+    and ``load_state_dict`` use the original's keys, so checkpoints move freely
+    between the plain and the compressed module.
+    """
+
+    def __init__(self, model: nn.Module, config: CompressConfig, backend: Backend) -> None:
+        super().__init__()
+        self._orig_mod = model
+        self.config = config
+        self.backend = backend
+        self.capture_log = CaptureLog()
+        compiled = torch.compile(
+            model,
+            backend=make_backend(config, backend, self.capture_log),
+            fullgraph=config.fullgraph,
+            dynamic=config.dynamic,
+        )
+        # NB: not an attribute nn.Module registers, or parameters would appear twice.
+        object.__setattr__(self, "_compiled", compiled)
+        self._register_state_dict_hook(_strip_prefix)
+        self._register_load_state_dict_pre_hook(_add_prefix)
+
+    @property
+    def module(self) -> nn.Module:
+        """The original, uncompiled model."""
+        return self._orig_mod
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.training and torch.is_grad_enabled()):
+            return self._orig_mod(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except FxCompressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - translated below, never swallowed
+            inner = _fxcompress_cause(e)
+            if inner is not None:
+                raise inner.with_traceback(inner.__traceback__) from None
+            if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                cause = getattr(e, "inner_exception", None) or e
+                first = (str(cause).strip().splitlines() or [""])[0]
+                raise CaptureError(
+                    f"torch.compile could not capture {type(self._orig_mod).__name__}: "
+                    f"{type(cause).__name__}: {first}\n"
+                    f"(with fullgraph=False graph breaks are allowed; errors inside the model's own "
+                    f"forward surface here too)"
+                ) from e
+            raise
+
+    def train(self, mode: bool = True) -> "CompressedModule":
+        super().train(mode)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"config={self.config.describe()}, backend={self.backend.value!r}"
+
+
+def _fxcompress_cause(e: BaseException) -> FxCompressError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FxCompressError):
+            return e
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return None
+
+
+def _strip_prefix(module, state_dict, prefix, local_metadata):
+    inner = prefix + _ORIG + "."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    for key in [k for k in getattr(state_dict, "_metadata", {}) if k.startswith(inner) or k == prefix + _ORIG]:
+        state_dict._metadata[prefix + key[len(inner):]] = state_dict._metadata.pop(key)
+    return state_dict
+
+
+def _add_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    inner = prefix + _ORIG + "."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+def explain(cm: CompressedModule) -> Report:
+    """What fxcompress did to each saved tensor of ``cm``'s captured graphs.
+
+    Available after the first training-mode forward (capture happens then).
+    """
+    if not isinstance(cm, CompressedModule):
+        raise FxCompressError(
+            f"explain() takes the module fxcompress.compile() returned, got {type(cm).__name__}"
+        )
+    captures = cm.capture_log.captures()
+    if not captures:
+        raise NotCapturedError(
+            "nothing captured yet: run one training-mode forward (model.train(), grad enabled) "
+            "through the compiled module, then call explain()"
+        )
+    rows = []
+    for cap in captures:
+        for saved, decision in zip(cap.original.saved, cap.plan.decisions):
+            if decision.alias_of is not None:
+                # NB: a view shares its base's storage; it never cost bytes of its own.
+                bytes_before, bytes_after, codec = 0, 0, f"alias(#{decision.alias_of})"
+            elif decision.codec is None:
+                bytes_before, bytes_after, codec = saved.nbytes, saved.nbytes, "none"
+            else:
+                bytes_before = saved.nbytes
+                bytes_after = sum(
+                    s.nbytes
+                    for s in cap.rewritten.saved
+                    if s.fw_node.meta.get("fxcompress", {}).get("of") == saved.name
+                )
+                codec = decision.codec.name
+            rows.append(
+                ReportRow(
+                    program=cap.original.name,
+                    name=saved.name,
+                    op=saved.op,
+                    shape=saved.shape,
+                    dtype=str(saved.dtype).removeprefix("torch."),
+                    codec=codec,
+                    bytes_before=bytes_before,
+                    bytes_after=bytes_after,
+                    reason=decision.reason,
+                    counted=not saved.is_graph_input,
+                )
+            )
+    notes = []
+    if len(captures) > 1:
+        notes.append(f"{len(captures)} captured graphs (graph breaks split the model); totals sum them")
+    return Report(config=cm.config.describe(), rows=tuple(rows), notes=tuple(notes))

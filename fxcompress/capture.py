@@ -1,0 +1,220 @@
+"""Capture: turn a model into forward/backward :class:`Program` records.
+
+fxcompress hooks into ``torch.compile`` at the partitioner, the point where
+AOTAutograd has split the joint graph into a forward and a backward graph and
+decided what the forward saves. :class:`Partitioner` runs PyTorch's own
+partitioner, then fxcompress's stages, and hands the rewritten graphs back:
+
+    joint graph --PyTorch partitioner--> fw, bw --extract_program--> Program
+      --plan_codecs--> CodecPlan --rewrite_saved_tensors--> Program'
+
+For ``backend="inductor"`` it is installed as Inductor's
+``custom_partitioner_fn``; for ``backend="eager"`` as AOTAutograd's
+``partition_fn`` with compilers that run the graphs as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import pathlib
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._functorch import config as functorch_config
+from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .codecs.uses import terminal_users
+from .config import Backend, BasePartitioner, CompressConfig
+from .errors import InternalError
+from .ir import CodecPlan, Program, SavedTensor, tensor_nbytes
+from .passes.rewrite import rewrite_saved_tensors
+from .passes.select import plan_codecs
+
+__all__ = ["Capture", "CaptureLog", "Partitioner", "extract_program", "make_backend"]
+
+
+def extract_program(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, name: str) -> Program:
+    """Read the saved tensors off a partitioned forward/backward pair.
+
+    The forward's outputs after the first ``num_fwd_outputs`` are the saved
+    tensors, then symbolic ints and opaque values; the backward's
+    placeholders are those symbolic ints, then the saved tensors, in the same
+    order (AOTAutograd calls backward with ``*symints, *saved_tensors, ...``).
+    """
+    outputs = list(fw.graph.output_node().args[0])
+    extra = outputs[num_fwd_outputs:]
+    tensors = [n for n in extra if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), FakeTensor)]
+    if extra[: len(tensors)] != tensors:
+        raise InternalError(f"{name}: saved tensors are not a prefix of the saved values")
+    n_sym = sum(1 for n in extra if isinstance(n, fx.Node) and _is_sym(n))
+    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    fw_inputs = {n for n in fw.graph.nodes if n.op == "placeholder"}
+    user_outputs = set(outputs[:num_fwd_outputs])
+    saved = []
+    for i, node in enumerate(tensors):
+        ph = bw_phs[n_sym + i]
+        val, pval = node.meta["val"], ph.meta.get("val")
+        if pval is None or tuple(pval.shape) != tuple(val.shape) or pval.dtype != val.dtype:
+            raise InternalError(
+                f"{name}: saved tensor {i} ({node.format_node()}) does not match backward "
+                f"placeholder {ph.format_node()}"
+            )
+        saved.append(
+            SavedTensor(
+                index=i,
+                fw_node=node,
+                bw_placeholder=ph,
+                shape=tuple(val.shape),
+                stride=tuple(val.stride()),
+                dtype=val.dtype,
+                device=val.device,
+                nbytes=tensor_nbytes(val),
+                consumers=tuple(terminal_users(ph)),
+                is_graph_input=_root(node) in fw_inputs,
+                is_forward_output=node in user_outputs,
+            )
+        )
+    return Program(name, fw, bw, num_fwd_outputs, tuple(saved))
+
+
+def _is_sym(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int))
+
+
+def _root(node: fx.Node) -> fx.Node:
+    from .codecs.uses import VIEW_OPS
+
+    while node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+    return node
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """What one partitioner call saw and produced."""
+
+    key: Any  # the Dynamo frame this graph came from; a recompile replaces its entry
+    original: Program
+    plan: CodecPlan
+    rewritten: Program
+
+
+class CaptureLog:
+    """The captures of one compiled module, latest per Dynamo frame."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[Any, Capture] = {}
+
+    def record(self, capture: Capture) -> None:
+        with self._lock:
+            self._by_key.pop(capture.key, None)
+            self._by_key[capture.key] = capture
+
+    def captures(self) -> list[Capture]:
+        with self._lock:
+            return list(self._by_key.values())
+
+
+_counter = itertools.count()
+
+
+def _frame_key() -> Any:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    if compile_id is None:
+        return ("call", next(_counter))
+    return ("frame", compile_id.frame_id)
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    """Hash of fxcompress's own source: a code change must invalidate compiled caches."""
+    h = hashlib.sha256()
+    root = pathlib.Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class Partitioner(CustomPartitionerFn):
+    """PyTorch's partitioner followed by fxcompress's stages.
+
+    ``uuid()`` covers the config and fxcompress's source, so Inductor's and
+    AOTAutograd's caches never serve a graph compiled under another config.
+    """
+
+    def __init__(self, config: CompressConfig, backend: Backend, log: CaptureLog) -> None:
+        self.config = config
+        self.backend = backend
+        self.log = log
+
+    def __deepcopy__(self, memo: dict) -> "Partitioner":
+        # NB: Inductor deep-copies its config (this object included) for cache
+        # keys; the capture log must stay shared, and uuid() already identifies us.
+        return self
+
+    def uuid(self) -> str:
+        return hashlib.sha256(
+            f"{self.config.describe()}|{self.backend.value}|{_source_hash()}|{torch.__version__}".encode()
+        ).hexdigest()
+
+    def __call__(self, gm: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+        kwargs.pop("compiler", None)
+        fw, bw = self._base()(gm, joint_inputs, **kwargs)
+        key = _frame_key()
+        name = f"graph{key[1]}" if key[0] == "frame" else f"call{key[1]}"
+        program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name)
+        plan = plan_codecs(program, self.config)
+        rewritten = rewrite_saved_tensors(program, plan, self._decompositions())
+        self.log.record(Capture(key, program, plan, rewritten))
+        return rewritten.fw, rewritten.bw
+
+    def _base(self) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:
+        choice = self.config.base_partitioner
+        if choice is BasePartitioner.AUTO:
+            choice = BasePartitioner.MIN_CUT if self.backend is Backend.INDUCTOR else BasePartitioner.DEFAULT
+        if choice is BasePartitioner.DEFAULT:
+            return default_partition
+        compiler = "inductor" if self.backend is Backend.INDUCTOR else "eager"
+        return functools.partial(min_cut_rematerialization_partition, compiler=compiler)
+
+    def _decompositions(self):
+        if self.backend is Backend.INDUCTOR:
+            from torch._inductor.decomposition import select_decomp_table
+
+            return select_decomp_table()
+        return None
+
+
+def make_backend(config: CompressConfig, backend: Backend, log: CaptureLog) -> Callable[..., Any]:
+    """A ``torch.compile`` backend that runs fxcompress at the partitioner."""
+    partitioner = Partitioner(config, backend, log)
+    if backend is Backend.EAGER:
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def run_as_is(gm: fx.GraphModule, example_inputs: Any):
+            return make_boxed_func(gm.forward)
+
+        return aot_autograd(fw_compiler=run_as_is, bw_compiler=run_as_is, partition_fn=partitioner)
+
+    def inductor(gm: fx.GraphModule, example_inputs: Any):
+        from torch._inductor.compile_fx import compile_fx
+
+        # NB: AOTAutograd's cache would skip the partitioner on a hit, and with
+        # it the record that explain() reads; Inductor's own FX graph cache
+        # (keyed on the rewritten graph and on uuid()) still applies.
+        with inductor_config.patch(custom_partitioner_fn=partitioner), functorch_config.patch(
+            enable_autograd_cache=False
+        ):
+            return compile_fx(gm, example_inputs)
+
+    return inductor

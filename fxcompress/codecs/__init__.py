@@ -1,0 +1,5 @@
+"""Saved-tensor codecs: one module per family."""
+from .base import Codec, Layout
+from .lossless import BitMask, NarrowInt, PredicateMask, ShapeOnly
+
+__all__ = ["Codec", "Layout", "BitMask", "PredicateMask", "ShapeOnly", "NarrowInt"]

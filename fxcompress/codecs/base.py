@@ -1,0 +1,109 @@
+"""The codec interface and the memory-layout helpers every codec shares.
+
+A codec turns one saved tensor into a few smaller tensors (``encode``, run
+in the forward graph) and back (``decode``, run in the backward graph right
+before the first use). Both are plain PyTorch functions: the rewrite traces
+them to aten ops with ``make_fx`` and splices them into the graphs, so
+Inductor can fuse them like any other op.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import torch
+
+__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Shape, strides, dtype and device of a dense tensor, and its memory order.
+
+    ``order`` is the permutation of dimensions from outermost to innermost in
+    memory, so that ``x.permute(order)`` is contiguous (channels-last stays
+    channels-last without a copy).
+    """
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        return tuple(sorted(range(len(self.shape)), key=lambda d: (-self.stride[d], -self.shape[d])))
+
+    def is_dense(self) -> bool:
+        """True when the tensor covers its storage exactly once (no gaps, no overlap)."""
+        expected = 1
+        for d in reversed(self.order):
+            if self.shape[d] != 1 and self.stride[d] != expected:
+                return False
+            expected *= self.shape[d]
+        return True
+
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a 1-D view in memory order (no copy for a dense ``x``)."""
+        return x.permute(self.order).reshape(-1)
+
+    def unflatten(self, flat: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`flatten`: the original shape and strides."""
+        order = self.order
+        inverse = [order.index(d) for d in range(len(order))]
+        return flat.view([self.shape[d] for d in order]).permute(inverse)
+
+    @staticmethod
+    def of(val: torch.Tensor) -> "Layout":
+        return Layout(tuple(val.shape), tuple(val.stride()), val.dtype, val.device)
+
+
+class Codec(abc.ABC):
+    """Encode/decode pair for one saved tensor of a given :class:`Layout`.
+
+    Subclasses are frozen dataclasses, so equal codecs hash equal and their
+    traced subgraphs are shared between same-layout tensors.
+    """
+
+    #: bit-identical round trip for every consumer it is chosen for
+    lossless: bool = True
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """Short name shown in the report, e.g. ``bitmask``."""
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward side: the tensors saved instead of ``x``."""
+
+    @abc.abstractmethod
+    def decode(self, *parts: torch.Tensor) -> torch.Tensor:
+        """Backward side: a tensor with ``x``'s layout that every consumer accepts."""
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    ones = torch.ones(8, dtype=torch.uint8, device=device)
+    return torch.bitwise_left_shift(ones, torch.arange(8, dtype=torch.uint8, device=device))
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a 1-D bool tensor 8 elements per byte (element ``i`` is bit ``i % 8``)."""
+    n = bits.numel()
+    b = bits.to(torch.uint8)
+    if n % 8:
+        b = torch.constant_pad_nd(b, [0, 8 - n % 8])
+    return (b.view(-1, 8) * _bit_weights(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a 1-D bool tensor."""
+    bits = packed.unsqueeze(-1).bitwise_and(_bit_weights(packed.device)).ne(0).view(-1)
+    return bits if bits.numel() == n else bits[:n]

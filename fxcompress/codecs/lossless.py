@@ -1,0 +1,102 @@
+"""Lossless codecs: gradients stay bit-identical to uncompressed training.
+
+- :class:`BitMask`: a bool tensor (dropout mask, a saved comparison) at 1 bit
+  per element.
+- :class:`PredicateMask`: a float tensor the backward reads only through one
+  predicate (``threshold_backward(g, relu_out, 0)`` reads ``relu_out <= 0``):
+  1 bit per element, decoded to two representative values that give every
+  consumer the same predicate.
+- :class:`ShapeOnly`: a tensor the backward reads only for its shape (the
+  ``self`` of ``max_pool2d_with_indices_backward``): nothing is stored.
+- :class:`NarrowInt`: int64 values known to lie in ``[0, bound)`` (max-pool
+  indices, embedding ids) stored in the narrowest integer type that holds them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .base import Codec, Layout, pack_bits, unpack_bits
+from .uses import Predicate
+
+__all__ = ["BitMask", "PredicateMask", "ShapeOnly", "NarrowInt", "narrowest_int"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BitMask(Codec):
+    layout: Layout
+
+    @property
+    def name(self) -> str:
+        return "bitmask"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (pack_bits(self.layout.flatten(x)),)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        return self.layout.unflatten(unpack_bits(packed, self.layout.numel))
+
+
+@dataclasses.dataclass(frozen=True)
+class PredicateMask(Codec):
+    layout: Layout
+    predicate: Predicate
+    v_true: float
+    v_false: float
+
+    @property
+    def name(self) -> str:
+        return f"mask[{self.predicate}]"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (pack_bits(self.predicate(self.layout.flatten(x))),)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        bits = lay.unflatten(unpack_bits(packed, lay.numel))
+        hi = torch.scalar_tensor(self.v_true, dtype=lay.dtype, device=lay.device)
+        lo = torch.scalar_tensor(self.v_false, dtype=lay.dtype, device=lay.device)
+        return torch.where(bits, hi, lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeOnly(Codec):
+    layout: Layout
+
+    @property
+    def name(self) -> str:
+        return "shape-only"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def decode(self) -> torch.Tensor:
+        lay = self.layout
+        return torch.empty_strided(lay.shape, lay.stride, dtype=lay.dtype, device=lay.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class NarrowInt(Codec):
+    layout: Layout
+    narrow: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return f"narrow[{str(self.narrow).removeprefix('torch.')}]"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (x.to(self.narrow),)
+
+    def decode(self, narrow: torch.Tensor) -> torch.Tensor:
+        return narrow.to(self.layout.dtype)
+
+
+def narrowest_int(bound: int, dtype: torch.dtype) -> torch.dtype | None:
+    """The smallest integer dtype holding ``[0, bound)``, if narrower than ``dtype``."""
+    for candidate in (torch.uint8, torch.int16, torch.int32):
+        if candidate.itemsize >= dtype.itemsize:
+            return None
+        if bound - 1 <= torch.iinfo(candidate).max:
+            return candidate
+    return None

@@ -1,0 +1,267 @@
+"""How a backward op reads a saved tensor: the per-op knowledge, one entry per op.
+
+A codec may replace a saved tensor only if every backward op that reads it
+can be fed the substitute and still compute bit-for-bit the same thing.
+This registry says, per aten overload and argument position, what the op
+really needs from the tensor:
+
+- :class:`ShapeUse`: only its shape, strides, dtype and device;
+- :class:`PredicateUse`: only one boolean predicate of each element
+  (``threshold_backward(g, x, 0)`` needs ``x <= 0`` and nothing else);
+- :class:`IndexUse`: integer values known to lie in ``[0, bound)``;
+- :data:`VALUES` (anything not registered): the values themselves.
+
+Adding an op is one entry in :data:`_ARG_USES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Callable, Union
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+__all__ = [
+    "Predicate",
+    "ShapeUse",
+    "PredicateUse",
+    "IndexUse",
+    "ValuesUse",
+    "Use",
+    "VIEW_OPS",
+    "uses_of",
+    "terminal_users",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Predicate:
+    """An elementwise boolean test: ``kind`` is ``le``, ``lt``, ``ge``, ``gt`` or ``outside``.
+
+    ``outside(lo, hi)`` is ``x <= lo or x >= hi`` (hardtanh's zero region).
+    Each is evaluated exactly as the aten op does, NaN included
+    (every comparison with NaN is false).
+    """
+
+    kind: str
+    consts: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.consts
+        if self.kind == "outside":
+            return torch.logical_or(x <= c[0], x >= c[1])
+        return _COMPARE[self.kind](x, c[0])
+
+    def representatives(self, dtype: torch.dtype) -> tuple[float, float] | None:
+        """Values ``(v_true, v_false)`` of ``dtype`` for which the predicate is true / false.
+
+        ``None`` when no such pair is found (say, a threshold at the end of
+        the dtype's range): the predicate mask then does not apply.
+        """
+        c = self.consts
+        if self.kind == "outside":
+            candidates = (c[0], (c[0] + c[1]) / 2)
+        else:
+            step = {"le": (0, 1), "lt": (-1, 0), "ge": (0, -1), "gt": (1, 0)}[self.kind]
+            candidates = (c[0] + step[0], c[0] + step[1])
+        v_true, v_false = (torch.tensor(v, dtype=torch.float64).to(dtype) for v in candidates)
+        if not all(math.isfinite(float(v)) for v in (v_true, v_false)):
+            return None
+        if bool(self(v_true)) and not bool(self(v_false)):
+            return float(v_true), float(v_false)
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(f'{v:g}' for v in self.consts)})"
+
+
+_COMPARE: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "le": operator.le,
+    "lt": operator.lt,
+    "ge": operator.ge,
+    "gt": operator.gt,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeUse:
+    """The op reads only metadata (shape, strides, dtype, device)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PredicateUse:
+    predicate: Predicate
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexUse:
+    """Integer values in ``[0, bound)``; the op would have failed in forward otherwise."""
+
+    bound: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ValuesUse:
+    """The op reads the values; only a value-preserving (or lossy) codec may feed it."""
+
+    op: str
+
+
+Use = Union[ShapeUse, PredicateUse, IndexUse, ValuesUse]
+
+# Ops that only re-describe their first argument's storage. In the backward
+# they are looked through (a predicate of a view is a view of the predicate);
+# in the forward, a saved tensor reached from another through them is an alias.
+VIEW_OPS = frozenset(
+    {
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.permute.default,
+        aten.t.default,
+        aten.transpose.int,
+        aten.expand.default,
+        aten.unsqueeze.default,
+        aten.squeeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.detach.default,
+        aten.alias.default,
+    }
+)
+
+_SHAPE_ONLY_OPS = frozenset(
+    {
+        aten.zeros_like.default,
+        aten.empty_like.default,
+        aten.ones_like.default,
+        aten.full_like.default,
+        aten.new_zeros.default,
+        aten.new_empty.default,
+        aten.new_ones.default,
+        aten.new_full.default,
+        aten.sym_size.int,
+        aten.sym_stride.int,
+        aten.sym_numel.default,
+    }
+)
+
+
+def _scalar(x: object) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _compare(kind: str) -> Callable[[fx.Node], Use | None]:
+    def use(node: fx.Node) -> Use | None:
+        c = _scalar(node.args[1])
+        return None if c is None else PredicateUse(Predicate(kind, (c,)))
+
+    return use
+
+
+def _threshold_backward(node: fx.Node) -> Use | None:
+    # threshold_backward(grad, self, threshold) = self <= threshold ? 0 : grad
+    c = _scalar(node.args[2])
+    return None if c is None else PredicateUse(Predicate("le", (c,)))
+
+
+def _hardtanh_backward(node: fx.Node) -> Use | None:
+    # hardtanh_backward(grad, self, min, max) = (self <= min || self >= max) ? 0 : grad
+    lo, hi = _scalar(node.args[2]), _scalar(node.args[3])
+    if lo is None or hi is None:
+        return None
+    return PredicateUse(Predicate("outside", (lo, hi)))
+
+
+def _leaky_relu_backward(node: fx.Node) -> Use | None:
+    # leaky_relu_backward(grad, self, slope, self_is_result) = self > 0 ? grad : grad * slope
+    return PredicateUse(Predicate("gt", (0.0,)))
+
+
+def _pool_indices(spatial_dims: int) -> Callable[[fx.Node], Use | None]:
+    def use(node: fx.Node) -> Use | None:
+        # Indices address the flattened spatial plane of the pooled input (arg 1).
+        shape = node.args[1].meta["val"].shape[-spatial_dims:]
+        if not all(isinstance(s, int) for s in shape):
+            return None
+        return IndexUse(math.prod(shape))
+
+    return use
+
+
+def _embedding_indices(node: fx.Node) -> Use | None:
+    # embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq)
+    n = node.args[2]
+    return IndexUse(n) if isinstance(n, int) else None
+
+
+def _shape(node: fx.Node) -> Use:
+    return ShapeUse()
+
+
+# (op, argument position) -> how the op reads that argument; None from the
+# function means "not in a form we can prove anything about" (values).
+_ARG_USES: dict[tuple[object, int], Callable[[fx.Node], Use | None]] = {
+    (aten.le.Scalar, 0): _compare("le"),
+    (aten.lt.Scalar, 0): _compare("lt"),
+    (aten.ge.Scalar, 0): _compare("ge"),
+    (aten.gt.Scalar, 0): _compare("gt"),
+    (aten.threshold_backward.default, 1): _threshold_backward,
+    (aten.hardtanh_backward.default, 1): _hardtanh_backward,
+    (aten.leaky_relu_backward.default, 1): _leaky_relu_backward,
+    (aten.max_pool2d_with_indices_backward.default, 1): _shape,
+    (aten.max_pool2d_with_indices_backward.default, 7): _pool_indices(2),
+    (aten.max_pool3d_with_indices_backward.default, 1): _shape,
+    (aten.max_pool3d_with_indices_backward.default, 7): _pool_indices(3),
+    (aten.embedding_dense_backward.default, 1): _embedding_indices,
+}
+for _op in _SHAPE_ONLY_OPS:
+    _ARG_USES[(_op, 0)] = _shape
+
+
+def terminal_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node``, looking through view ops (deterministic order)."""
+    out: list[fx.Node] = []
+    for user in node.users:
+        if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
+            out.extend(terminal_users(user))
+        else:
+            out.append(user)
+    return out
+
+
+def uses_of(node: fx.Node) -> list[tuple[fx.Node, Use]]:
+    """How each terminal user of ``node`` reads it (one entry per argument slot)."""
+    result: list[tuple[fx.Node, Use]] = []
+    sources = _view_closure(node)
+    for user in terminal_users(node):
+        slots = [i for i, a in enumerate(user.args) if a in sources]
+        slots += [k for k, a in user.kwargs.items() if a in sources]
+        if not slots or user.op != "call_function":
+            result.append((user, ValuesUse(_op_name(user))))
+            continue
+        for slot in slots:
+            rule = _ARG_USES.get((user.target, slot)) if isinstance(slot, int) else None
+            use = rule(user) if rule is not None else None
+            result.append((user, use if use is not None else ValuesUse(_op_name(user))))
+    return result
+
+
+def _view_closure(node: fx.Node) -> set[fx.Node]:
+    seen = {node}
+    for user in node.users:
+        if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
+            seen |= _view_closure(user)
+    return seen
+
+
+def _op_name(node: fx.Node) -> str:
+    from ..ir import target_name
+
+    return "output" if node.op == "output" else target_name(node)

@@ -1,0 +1,144 @@
+"""`CompressConfig`: what to compress and how, validated on construction.
+
+>>> CompressConfig(codec="lossless").codec
+<Codec.LOSSLESS: 'lossless'>
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from .errors import ConfigError, UnsupportedError
+
+__all__ = ["Codec", "LearningRule", "Backend", "BasePartitioner", "CompressConfig"]
+
+
+class Codec(str, enum.Enum):
+    """The codec family applied to saved tensors.
+
+    ``none`` saves everything as PyTorch would; ``lossless`` applies only the
+    encodings that keep gradients bit-identical (bit-packed masks, narrowed
+    indices, alias de-duplication). Every lossy codec applies the lossless
+    encodings where they fit, and quantizes what is left.
+    """
+
+    NONE = "none"
+    LOSSLESS = "lossless"
+    INT8 = "int8"
+    INT4 = "int4"
+    INT2 = "int2"
+    BLPA8 = "blpa8"
+    BLPA4 = "blpa4"
+    FP8 = "fp8"
+
+
+class LearningRule(str, enum.Enum):
+    """How weight gradients are formed: exact ``backprop`` or the AAL rules."""
+
+    BACKPROP = "backprop"
+    ARA = "ara"
+    ASA = "asa"
+
+
+class Backend(str, enum.Enum):
+    """What runs the rewritten graphs: ``inductor`` compiles them, ``eager`` runs them as they are."""
+
+    INDUCTOR = "inductor"
+    EAGER = "eager"
+
+
+class BasePartitioner(str, enum.Enum):
+    """PyTorch's partitioner that decides what is saved before fxcompress rewrites it.
+
+    ``auto`` uses min-cut for the Inductor backend and the default
+    partitioner (what ``aot_eager`` uses) for the eager backend.
+    """
+
+    AUTO = "auto"
+    MIN_CUT = "min_cut"
+    DEFAULT = "default"
+
+
+# Codecs and rules that this version implements. The others are accepted
+# names of the public contract and fail with UnsupportedError at compile time.
+IMPLEMENTED_CODECS = frozenset({Codec.NONE, Codec.LOSSLESS})
+IMPLEMENTED_RULES = frozenset({LearningRule.BACKPROP})
+
+
+def _coerce(cls: type[enum.Enum], field: str, value: object) -> enum.Enum:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in cls)
+        raise ConfigError(f"{field}={value!r} is not accepted; use one of {accepted}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """What fxcompress does to the tensors a training step saves for backward.
+
+    Fields:
+        codec: codec family, see :class:`Codec` (default ``"lossless"``).
+        learning_rule: ``"backprop"`` (exact gradients), ``"ara"`` or ``"asa"``.
+        min_bytes: saved tensors smaller than this stay as they are
+            (batch-norm statistics, RNG seeds, scalars): encoding them costs
+            more launches than it saves bytes. Default 1024.
+        base_partitioner: PyTorch's partitioner run before the rewrite,
+            see :class:`BasePartitioner`. Default ``"auto"``.
+        fullgraph: passed to ``torch.compile``; with ``True`` a graph break
+            is a :class:`~fxcompress.CaptureError` instead of a split graph.
+        dynamic: passed to ``torch.compile``. Default ``False``: a new input
+            shape (say, the last, smaller batch) compiles a new graph.
+    """
+
+    codec: Codec | str = Codec.LOSSLESS
+    learning_rule: LearningRule | str = LearningRule.BACKPROP
+    min_bytes: int = 1024
+    base_partitioner: BasePartitioner | str = BasePartitioner.AUTO
+    fullgraph: bool = False
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        # NB: frozen dataclass, so normalized values go in through object.__setattr__.
+        object.__setattr__(self, "codec", _coerce(Codec, "codec", self.codec))
+        object.__setattr__(
+            self, "learning_rule", _coerce(LearningRule, "learning_rule", self.learning_rule)
+        )
+        object.__setattr__(
+            self,
+            "base_partitioner",
+            _coerce(BasePartitioner, "base_partitioner", self.base_partitioner),
+        )
+        if isinstance(self.min_bytes, bool) or not isinstance(self.min_bytes, int) or self.min_bytes < 0:
+            raise ConfigError(
+                f"min_bytes={self.min_bytes!r} is not accepted; use an int >= 0 (bytes)"
+            )
+        for name in ("fullgraph", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not accepted; use True or False"
+                )
+
+    def check_implemented(self) -> None:
+        """Raise :class:`UnsupportedError` for contract names this version cannot run yet."""
+        if self.codec not in IMPLEMENTED_CODECS:
+            have = ", ".join(repr(c.value) for c in Codec if c in IMPLEMENTED_CODECS)
+            raise UnsupportedError(
+                f"codec={self.codec.value!r} is a valid codec name but is not implemented in "
+                f"this version of fxcompress; implemented: {have}"
+            )
+        if self.learning_rule not in IMPLEMENTED_RULES:
+            raise UnsupportedError(
+                f"learning_rule={self.learning_rule.value!r} is a valid rule name but is not "
+                f"implemented in this version of fxcompress; implemented: 'backprop'"
+            )
+
+    def describe(self) -> str:
+        """A stable one-line form, used in cache keys and reports."""
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            parts.append(f"{f.name}={v.value if isinstance(v, enum.Enum) else v!r}")
+        return "CompressConfig(" + ", ".join(parts) + ")"

@@ -1,0 +1,150 @@
+"""The values handed from one stage to the next.
+
+capture -> :class:`Program` -> select -> :class:`CodecPlan`
+-> rewrite -> :class:`Program` (rewritten) -> :class:`Report`.
+
+Analysis results live here, keyed by records, never as attributes on
+``fx.Node``; anything fxcompress stores in ``node.meta`` sits under the one
+key :data:`META_KEY`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+if TYPE_CHECKING:
+    from .codecs import Codec
+
+__all__ = ["META_KEY", "SavedTensor", "Program", "Decision", "CodecPlan", "ReportRow", "Report"]
+
+META_KEY = "fxcompress"
+
+
+def tensor_nbytes(val: torch.Tensor) -> int:
+    """Bytes a dense tensor of this shape and dtype occupies."""
+    return int(val.numel()) * val.element_size()
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedTensor:
+    """One tensor the forward graph saves for the backward graph.
+
+    Invariant: ``fw_node`` is output ``num_fwd_outputs + index`` of the
+    forward graph and ``bw_placeholder`` is the backward placeholder that
+    receives it; the pairing is positional (AOTAutograd's calling
+    convention), never by name.
+    """
+
+    index: int
+    fw_node: fx.Node
+    bw_placeholder: fx.Node
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    nbytes: int
+    consumers: tuple[fx.Node, ...]  # backward nodes that read it, through detach/views
+    is_graph_input: bool  # a parameter, buffer or user input: its owner keeps it alive
+    is_forward_output: bool  # also returned to the caller, who may keep it alive
+
+    @property
+    def name(self) -> str:
+        return self.fw_node.name
+
+    @property
+    def op(self) -> str:
+        """The aten op that produced it (``input`` for graph inputs)."""
+        return "input" if self.fw_node.op == "placeholder" else _target_name(self.fw_node)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A forward/backward pair of graphs from one captured (sub)graph.
+
+    ``fw`` outputs are ``num_fwd_outputs`` user outputs, then the saved
+    tensors in ``saved`` order, then saved symbolic ints and opaque values.
+    ``bw`` placeholders are the saved symbolic ints, then the saved tensors,
+    then the rest (tangents, RNG offsets).
+    """
+
+    name: str
+    fw: fx.GraphModule
+    bw: fx.GraphModule
+    num_fwd_outputs: int
+    saved: tuple[SavedTensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What happens to one saved tensor, and why.
+
+    ``codec`` is ``None`` when the tensor stays as it is; ``reason`` then
+    says why. ``alias_of`` names the saved index whose storage it shares.
+    """
+
+    codec: Codec | None
+    reason: str
+    alias_of: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecPlan:
+    """One :class:`Decision` per saved tensor, in ``Program.saved`` order."""
+
+    decisions: tuple[Decision, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRow:
+    program: str
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str
+    bytes_before: int
+    bytes_after: int
+    reason: str
+    counted: bool  # False for graph inputs: their owner keeps them alive anyway
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What fxcompress did to every saved tensor of a compiled module.
+
+    ``saved_bytes_before``/``_after`` sum the rows the step itself allocates
+    (graph inputs such as weights are listed but not counted).
+    """
+
+    config: str
+    rows: tuple[ReportRow, ...]
+    notes: tuple[str, ...] = ()
+    predicted_peak_bytes_before: int | None = None
+    predicted_peak_bytes_after: int | None = None
+
+    @property
+    def saved_bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows if r.counted)
+
+    @property
+    def saved_bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows if r.counted)
+
+    def __str__(self) -> str:
+        from .visualize.report import format_report
+
+        return format_report(self)
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        packet, overload = t._schema.name.split("::")[-1], t._overloadname
+        return packet if overload == "default" else f"{packet}.{overload}"
+    return getattr(t, "__name__", str(t))
+
+
+target_name = _target_name

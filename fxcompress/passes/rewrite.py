@@ -1,0 +1,149 @@
+"""Replace saved tensors by their encodings: ``rewrite_saved_tensors(program, plan) -> Program``.
+
+Before (one saved tensor ``relu``, read in backward only as ``relu <= 0``)::
+
+    fw:  relu = aten.relu(x)                        ...  return (out, relu)
+    bw:  threshold_backward(g, relu, 0)
+
+After (``PredicateMask``: 1 bit per element)::
+
+    fw:  relu = aten.relu(x); packed = <pack bits of relu <= 0>  ...  return (out, packed)
+    bw:  relu_d = where(<unpack packed>, 0., 1.); threshold_backward(g, relu_d, 0)
+
+Encoders go right after the producer, decoders right before the first
+backward use, so the full tensor lives as briefly as possible. An alias
+(a saved view of another saved tensor) is not saved: the backward replays
+the view ops on its base. The input program is not modified.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping
+
+import torch.fx as fx
+
+from ..errors import InternalError
+from ..ir import META_KEY, CodecPlan, Program
+from .select import view_chain
+from .splice import copy_node, splice
+
+__all__ = ["rewrite_saved_tensors"]
+
+
+def rewrite_saved_tensors(
+    program: Program,
+    plan: CodecPlan,
+    decompositions: Mapping[Any, Callable[..., Any]] | None = None,
+) -> Program:
+    """A new Program whose saved tensors are the plan's encodings."""
+    from ..capture import extract_program  # NB: capture imports passes; keep the cycle lazy
+
+    fw, fw_env = _copy(program.fw)
+    bw, bw_env = _copy(program.bw)
+    fw_out = fw.graph.output_node()
+    outputs = list(fw_out.args[0])
+    n_user = program.num_fwd_outputs
+    saved_outputs: list[list[fx.Node]] = [[fw_env[s.fw_node]] for s in program.saved]
+    placeholders = {s.index: bw_env[s.bw_placeholder] for s in program.saved}
+
+    # Aliases first, latest first: a replayed view chain reads its base's
+    # placeholder, which is then itself replaced (by a replay or a decode)
+    # before its new first use.
+    for saved in sorted(program.saved, key=lambda s: -_position(program.fw, s.fw_node)):
+        decision = plan.decisions[saved.index]
+        if decision.alias_of is None:
+            continue
+        base = program.saved[decision.alias_of]
+        ph = placeholders[saved.index]
+        chain = view_chain(saved.fw_node, base.fw_node)
+        env = {base.fw_node: placeholders[base.index]}
+        with bw.graph.inserting_before(_first_user(bw.graph, ph)):
+            for node in chain:
+                env[node] = copy_node(bw.graph, node, env, {"role": "alias", "of": base.name})
+        ph.replace_all_uses_with(env[chain[-1]])
+        bw.graph.erase_node(ph)
+        saved_outputs[saved.index] = []
+
+    for saved, decision in zip(program.saved, plan.decisions):
+        codec = decision.codec
+        if codec is None:
+            continue
+        tag = {"role": "encode", "codec": codec.name, "of": saved.name}
+        src = fw_env[saved.fw_node]
+        with fw.graph.inserting_before(src.next):
+            parts = splice(fw.graph, codec.encode, [src], tag=tag, decompositions=decompositions)
+        for i, part in enumerate(parts):
+            part.meta[META_KEY]["part"] = i
+            if saved.fw_node.meta.get("saved_tensor_with_no_vc_check"):
+                part.meta["saved_tensor_with_no_vc_check"] = True
+        saved_outputs[saved.index] = parts
+
+        ph = placeholders[saved.index]
+        new_phs = []
+        with bw.graph.inserting_before(ph):
+            for i, part in enumerate(parts):
+                new = bw.graph.placeholder(f"{ph.name}_enc{i}")
+                new.meta = {"val": part.meta["val"], META_KEY: dict(part.meta[META_KEY])}
+                new_phs.append(new)
+        user = _first_user(bw.graph, ph)
+        if user is not None:
+            with bw.graph.inserting_before(user):
+                (decoded,) = splice(
+                    bw.graph,
+                    codec.decode,
+                    new_phs,
+                    tag={"role": "decode", "codec": codec.name, "of": saved.name},
+                    decompositions=decompositions,
+                    fake_mode=_fake_mode(ph),
+                )
+            _check_same_layout(ph, decoded)
+            ph.replace_all_uses_with(decoded)
+        bw.graph.erase_node(ph)
+
+    rest = outputs[n_user + len(program.saved):]
+    new_saved = [n for parts in saved_outputs for n in parts]
+    fw_out.args = (tuple(outputs[:n_user] + new_saved + rest),)
+    for gm in (fw, bw):
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return extract_program(fw, bw, n_user, program.name)
+
+
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    graph.output_node().meta = copy.copy(gm.graph.output_node().meta)
+    return fx.GraphModule(gm, graph, gm.__class__.__name__), env
+
+
+def _position(gm: fx.GraphModule, node: fx.Node) -> int:
+    for i, n in enumerate(gm.graph.nodes):
+        if n is node:
+            return i
+    raise InternalError(f"{node.format_node()} is not in its graph")
+
+
+def _first_user(graph: fx.Graph, node: fx.Node) -> fx.Node | None:
+    users = set(node.users)
+    for n in graph.nodes:
+        if n in users:
+            return n
+    return None
+
+
+def _fake_mode(node: fx.Node):
+    return node.meta["val"].fake_mode
+
+
+def _check_same_layout(original: fx.Node, decoded: fx.Node) -> None:
+    a, b = original.meta["val"], decoded.meta["val"]
+    same = a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    strides_ok = all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+    if not (same and strides_ok):
+        raise InternalError(
+            f"decoded {original.name} has layout {tuple(b.shape)}/{b.stride()}/{b.dtype}, "
+            f"expected {tuple(a.shape)}/{a.stride()}/{a.dtype}"
+        )

@@ -1,0 +1,114 @@
+"""Select a codec for every saved tensor: ``plan_codecs(program, config) -> CodecPlan``.
+
+The policy, in order, for each saved tensor (the first rule that decides wins):
+
+1. ``codec="none"``: keep.
+2. A graph input (parameter, buffer, user input) or a tensor also returned
+   to the caller: keep -- its owner holds it alive, a copy would add memory.
+3. Reached from another saved tensor through view ops: an alias; the backward
+   re-creates the view from that tensor and nothing extra is stored.
+4. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
+5. Not dense in memory (gaps or overlaps): keep.
+6. bool: :class:`BitMask`.
+7. Read only for its shape: :class:`ShapeOnly`.
+8. Read only through one predicate (and shapes): :class:`PredicateMask`.
+9. Integer read only as bounded indices: :class:`NarrowInt`.
+10. Otherwise keep, naming the op that reads the values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
+from ..codecs.lossless import narrowest_int
+from ..codecs.uses import VIEW_OPS, IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
+from ..config import Codec as CodecName
+from ..config import CompressConfig
+from ..ir import CodecPlan, Decision, Program, SavedTensor
+
+__all__ = ["plan_codecs"]
+
+
+def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
+    """Decide, with a reason, what happens to each saved tensor of ``program``."""
+    by_node = {s.fw_node: s.index for s in program.saved}
+    early = {s.index: _decide_early(s, by_node, config) for s in program.saved}
+    # NB: the backward reads a tensor through its own placeholder and through
+    # those of its aliases (which become views of it), so a codec must serve
+    # the uses of all of them.
+    readers: dict[int, list[fx.Node]] = {s.index: [s.bw_placeholder] for s in program.saved}
+    for s in sorted(program.saved, key=lambda s: -s.index):
+        d = early[s.index]
+        if d is not None and d.alias_of is not None:
+            readers[d.alias_of] += readers[s.index]
+    return CodecPlan(
+        tuple(early[s.index] or _decide(s, readers[s.index], config) for s in program.saved)
+    )
+
+
+def _decide_early(saved: SavedTensor, by_node: dict[fx.Node, int], config: CompressConfig) -> Decision | None:
+    """Rules 1-3, which do not look at the backward's uses."""
+    if config.codec is CodecName.NONE:
+        return Decision(None, "codec='none'")
+    if saved.is_graph_input:
+        return Decision(None, "graph input (parameter, buffer or user input): its owner keeps it alive")
+    if saved.is_forward_output:
+        return Decision(None, "also a forward output: the caller may keep it alive")
+    base = _alias_base(saved.fw_node, by_node)
+    if base is not None:
+        return Decision(None, f"view of saved tensor #{base}: stored once", alias_of=base)
+    return None
+
+
+def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) -> Decision:
+    if saved.nbytes < config.min_bytes:
+        return Decision(None, f"tiny: {saved.nbytes} B < min_bytes={config.min_bytes}")
+    layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
+    if not layout.is_dense():
+        return Decision(None, f"not dense in memory (stride {saved.stride})")
+    if saved.dtype == torch.bool:
+        return Decision(BitMask(layout), "bool: 8 per byte")
+
+    uses = [u for reader in readers for _, u in uses_of(reader)]
+    values = [u for u in uses if isinstance(u, ValuesUse)]
+    if values:
+        ops = ", ".join(sorted({u.op for u in values}))
+        return Decision(None, f"values read by {ops}; no lossless encoding applies")
+    if not uses or all(isinstance(u, ShapeUse) for u in uses):
+        return Decision(ShapeOnly(layout), "read only for its shape")
+    predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
+    bounds = [u.bound for u in uses if isinstance(u, IndexUse)]
+    if predicates and bounds:
+        return Decision(None, "read both as indices and through a predicate")
+    if predicates:
+        if len(predicates) > 1:
+            names = ", ".join(sorted(str(p) for p in predicates))
+            return Decision(None, f"read through several predicates ({names})")
+        (predicate,) = predicates
+        reps = predicate.representatives(saved.dtype)
+        if reps is None:
+            return Decision(None, f"no {saved.dtype} values separate {predicate}")
+        return Decision(PredicateMask(layout, predicate, *reps), f"read only as {predicate}")
+    narrow = narrowest_int(min(bounds), saved.dtype) if not saved.dtype.is_floating_point else None
+    if narrow is None:
+        return Decision(None, f"indices < {min(bounds)} need all of {saved.dtype}")
+    return Decision(NarrowInt(layout, narrow), f"indices < {min(bounds)}")
+
+
+def _alias_base(node: fx.Node, by_node: dict[fx.Node, int]) -> int | None:
+    """Index of the nearest saved tensor that ``node`` is a chain of views of."""
+    while node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+        if node in by_node:
+            return by_node[node]
+    return None
+
+
+def view_chain(node: fx.Node, base: fx.Node) -> list[fx.Node]:
+    """The view nodes leading from ``base`` to ``node``, in execution order."""
+    chain = []
+    while node is not base:
+        chain.append(node)
+        node = node.args[0]
+    return chain[::-1]

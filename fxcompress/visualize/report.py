@@ -1,0 +1,53 @@
+"""Plain-text rendering of a :class:`~fxcompress.ir.Report`."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..ir import Report
+
+__all__ = ["format_bytes", "format_report"]
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def format_report(report: "Report") -> str:
+    header = ("graph", "saved tensor", "op", "shape", "dtype", "codec", "before", "after", "why")
+    lines = [
+        (
+            r.program,
+            r.name,
+            r.op,
+            "x".join(map(str, r.shape)) or "scalar",
+            r.dtype,
+            r.codec,
+            format_bytes(r.bytes_before) + ("" if r.counted else "*"),
+            format_bytes(r.bytes_after) + ("" if r.counted else "*"),
+            r.reason,
+        )
+        for r in report.rows
+    ]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:{'>' if i in (6, 7) else '<'}{w}}}" for i, w in enumerate(widths[:-1])) + "  {}"
+    out = [f"fxcompress report  {report.config}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*l) for l in lines]
+    before, after = report.saved_bytes_before, report.saved_bytes_after
+    ratio = f"{before / after:.2f}x smaller" if after else "nothing left saved"
+    out.append("")
+    out.append(
+        f"saved for backward: {format_bytes(before)} -> {format_bytes(after)} ({ratio}); "
+        f"* = graph input, kept alive by its owner, not counted"
+    )
+    if report.predicted_peak_bytes_before is not None:
+        out.append(
+            f"predicted step peak: {format_bytes(report.predicted_peak_bytes_before)} -> "
+            f"{format_bytes(report.predicted_peak_bytes_after)}"
+        )
+    out += [f"note: {n}" for n in report.notes]
+    return "\n".join(out)
