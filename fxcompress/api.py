@@ -158,9 +158,9 @@ def explain(cm: CompressedModule) -> Report:
                 # NB: a view shares its base's storage; it never cost bytes of its own.
                 bytes_before, bytes_after, codec = 0, 0, f"alias(#{decision.alias_of})"
             elif decision.codec is None:
-                bytes_before, bytes_after, codec = saved.nbytes, saved.nbytes, "none"
+                bytes_before, bytes_after, codec = saved.own_bytes, saved.own_bytes, "none"
             else:
-                bytes_before = saved.nbytes
+                bytes_before = saved.own_bytes
                 bytes_after = sum(
                     s.nbytes
                     for s in cap.rewritten.saved

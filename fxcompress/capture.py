@@ -30,7 +30,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .codecs.uses import terminal_users
+from .codecs.uses import VIEW_OPS, terminal_users
 from .config import Backend, BasePartitioner, CompressConfig
 from .errors import InternalError
 from .ir import CodecPlan, Program, SavedTensor, tensor_nbytes
@@ -57,6 +57,7 @@ def extract_program(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
     fw_inputs = {n for n in fw.graph.nodes if n.op == "placeholder"}
     user_outputs = set(outputs[:num_fwd_outputs])
+    index_of = {node: i for i, node in enumerate(tensors)}
     saved = []
     for i, node in enumerate(tensors):
         ph = bw_phs[n_sym + i]
@@ -79,6 +80,7 @@ def extract_program(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
                 consumers=tuple(terminal_users(ph)),
                 is_graph_input=_root(node) in fw_inputs,
                 is_forward_output=node in user_outputs,
+                view_of=_view_base(node, index_of),
             )
         )
     return Program(name, fw, bw, num_fwd_outputs, tuple(saved))
@@ -89,11 +91,18 @@ def _is_sym(node: fx.Node) -> bool:
 
 
 def _root(node: fx.Node) -> fx.Node:
-    from .codecs.uses import VIEW_OPS
-
     while node.op == "call_function" and node.target in VIEW_OPS:
         node = node.args[0]
     return node
+
+
+def _view_base(node: fx.Node, index_of: dict[fx.Node, int]) -> int | None:
+    """Index of the nearest saved tensor that ``node`` is a chain of views of."""
+    while node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+        if node in index_of:
+            return index_of[node]
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +121,12 @@ class CaptureLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_key: dict[Any, Capture] = {}
+        self._names: dict[Any, str] = {}
+
+    def name_for(self, key: Any) -> str:
+        """A stable name per Dynamo frame, in order of first capture: graph0, graph1, ..."""
+        with self._lock:
+            return self._names.setdefault(key, f"graph{len(self._names)}")
 
     def record(self, capture: Capture) -> None:
         with self._lock:
@@ -170,7 +185,7 @@ class Partitioner(CustomPartitionerFn):
         kwargs.pop("compiler", None)
         fw, bw = self._base()(gm, joint_inputs, **kwargs)
         key = _frame_key()
-        name = f"graph{key[1]}" if key[0] == "frame" else f"call{key[1]}"
+        name = self.log.name_for(key)
         program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name)
         plan = plan_codecs(program, self.config)
         rewritten = rewrite_saved_tensors(program, plan, self._decompositions())

@@ -49,10 +49,16 @@ class SavedTensor:
     consumers: tuple[fx.Node, ...]  # backward nodes that read it, through detach/views
     is_graph_input: bool  # a parameter, buffer or user input: its owner keeps it alive
     is_forward_output: bool  # also returned to the caller, who may keep it alive
+    view_of: int | None = None  # index of the saved tensor whose storage this one views
 
     @property
     def name(self) -> str:
         return self.fw_node.name
+
+    @property
+    def own_bytes(self) -> int:
+        """Bytes this saved tensor adds: 0 for a view of another saved tensor."""
+        return 0 if self.view_of is not None else self.nbytes
 
     @property
     def op(self) -> str:

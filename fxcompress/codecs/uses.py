@@ -40,11 +40,12 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Predicate:
-    """An elementwise boolean test: ``kind`` is ``le``, ``lt``, ``ge``, ``gt`` or ``outside``.
+    """An elementwise boolean test: ``le``, ``lt``, ``ge``, ``gt``, ``outside`` or ``notinside``.
 
-    ``outside(lo, hi)`` is ``x <= lo or x >= hi`` (hardtanh's zero region).
-    Each is evaluated exactly as the aten op does, NaN included
-    (every comparison with NaN is false).
+    ``outside(lo, hi)`` is ``x <= lo or x >= hi`` and ``notinside(lo, hi)`` is
+    ``not (lo < x < hi)``: the two agree except on NaN, and hardtanh's
+    backward uses the first on CUDA and the second on CPU. Each is evaluated
+    exactly as the aten op does, NaN included.
     """
 
     kind: str
@@ -54,6 +55,8 @@ class Predicate:
         c = self.consts
         if self.kind == "outside":
             return torch.logical_or(x <= c[0], x >= c[1])
+        if self.kind == "notinside":
+            return torch.logical_not(torch.logical_and(x > c[0], x < c[1]))
         return _COMPARE[self.kind](x, c[0])
 
     def representatives(self, dtype: torch.dtype) -> tuple[float, float] | None:
@@ -63,7 +66,7 @@ class Predicate:
         the dtype's range): the predicate mask then does not apply.
         """
         c = self.consts
-        if self.kind == "outside":
+        if self.kind in ("outside", "notinside"):
             candidates = (c[0], (c[0] + c[1]) / 2)
         else:
             step = {"le": (0, 1), "lt": (-1, 0), "ge": (0, -1), "gt": (1, 0)}[self.kind]
@@ -172,11 +175,14 @@ def _threshold_backward(node: fx.Node) -> Use | None:
 
 
 def _hardtanh_backward(node: fx.Node) -> Use | None:
-    # hardtanh_backward(grad, self, min, max) = (self <= min || self >= max) ? 0 : grad
+    # hardtanh_backward(grad, self, min, max) is 0 where self is outside (min, max).
+    # NB: for NaN the kernels disagree: CUDA's tests (self <= min || self >= max)
+    # and passes grad, CPU's tests !(min < self < max) and gives 0.
     lo, hi = _scalar(node.args[2]), _scalar(node.args[3])
     if lo is None or hi is None:
         return None
-    return PredicateUse(Predicate("outside", (lo, hi)))
+    cpu = node.args[1].meta["val"].device.type == "cpu"
+    return PredicateUse(Predicate("notinside" if cpu else "outside", (lo, hi)))
 
 
 def _leaky_relu_backward(node: fx.Node) -> Use | None:

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
-from ..codecs.uses import VIEW_OPS, IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
+from ..codecs.uses import IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
 from ..config import Codec as CodecName
 from ..config import CompressConfig
 from ..ir import CodecPlan, Decision, Program, SavedTensor
@@ -32,8 +32,7 @@ __all__ = ["plan_codecs"]
 
 def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
     """Decide, with a reason, what happens to each saved tensor of ``program``."""
-    by_node = {s.fw_node: s.index for s in program.saved}
-    early = {s.index: _decide_early(s, by_node, config) for s in program.saved}
+    early = {s.index: _decide_early(s, config) for s in program.saved}
     # NB: the backward reads a tensor through its own placeholder and through
     # those of its aliases (which become views of it), so a codec must serve
     # the uses of all of them.
@@ -47,7 +46,7 @@ def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
     )
 
 
-def _decide_early(saved: SavedTensor, by_node: dict[fx.Node, int], config: CompressConfig) -> Decision | None:
+def _decide_early(saved: SavedTensor, config: CompressConfig) -> Decision | None:
     """Rules 1-3, which do not look at the backward's uses."""
     if config.codec is CodecName.NONE:
         return Decision(None, "codec='none'")
@@ -55,9 +54,8 @@ def _decide_early(saved: SavedTensor, by_node: dict[fx.Node, int], config: Compr
         return Decision(None, "graph input (parameter, buffer or user input): its owner keeps it alive")
     if saved.is_forward_output:
         return Decision(None, "also a forward output: the caller may keep it alive")
-    base = _alias_base(saved.fw_node, by_node)
-    if base is not None:
-        return Decision(None, f"view of saved tensor #{base}: stored once", alias_of=base)
+    if saved.view_of is not None:
+        return Decision(None, f"view of saved tensor #{saved.view_of}: stored once", alias_of=saved.view_of)
     return None
 
 
@@ -94,15 +92,6 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     if narrow is None:
         return Decision(None, f"indices < {min(bounds)} need all of {saved.dtype}")
     return Decision(NarrowInt(layout, narrow), f"indices < {min(bounds)}")
-
-
-def _alias_base(node: fx.Node, by_node: dict[fx.Node, int]) -> int | None:
-    """Index of the nearest saved tensor that ``node`` is a chain of views of."""
-    while node.op == "call_function" and node.target in VIEW_OPS:
-        node = node.args[0]
-        if node in by_node:
-            return by_node[node]
-    return None
 
 
 def view_chain(node: fx.Node, base: fx.Node) -> list[fx.Node]:

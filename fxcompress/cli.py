@@ -1,0 +1,160 @@
+"""Command line: ``fxcompress demo`` and ``fxcompress explain MODULE:FACTORY --input SHAPE``.
+
+Examples::
+
+    fxcompress demo                                   # built-in models, every implemented codec
+    fxcompress demo --backend inductor --steps 5
+    fxcompress explain fxcompress.models:ConvNet --input 8x3x16x16 --codec lossless
+    fxcompress explain fxcompress.models:TinyTransformer --input int:4x32:96
+
+Input shapes: ``AxBxC`` is a float tensor of that shape (standard normal);
+``int:AxB:N`` is an int64 tensor of token ids drawn from ``[0, N)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import api
+from .config import IMPLEMENTED_CODECS, Backend, Codec, CompressConfig
+from .errors import FxCompressError
+
+__all__ = ["main", "parse_input", "load_factory"]
+
+
+class CliError(FxCompressError):
+    """A command-line argument that is not accepted."""
+
+
+def parse_input(spec: str) -> torch.Tensor:
+    """``8x3x32x32`` -> a random float tensor; ``int:4x128:50257`` -> random ids in ``[0, 50257)``."""
+    form = "accepted forms: '8x3x32x32' (float) or 'int:4x128:50257' (token ids below 50257)"
+    kind, _, rest = spec.partition(":") if spec.startswith("int:") else ("float", "", spec)
+    shape_text, high = (rest.split(":") + [""])[:2] if kind == "int" else (rest, "")
+    try:
+        shape = [int(d) for d in shape_text.lower().split("x")]
+        if not shape or any(d <= 0 for d in shape):
+            raise ValueError
+        if kind == "int":
+            n = int(high)
+            if n <= 0:
+                raise ValueError
+            return torch.randint(0, n, shape)
+        return torch.randn(shape)
+    except ValueError:
+        raise CliError(f"--input {spec!r} is malformed; {form}") from None
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """``package.module:callable`` -> the callable (a model class or factory function)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"model {spec!r} is malformed; use MODULE:FACTORY, e.g. torchvision.models:resnet18")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CliError(f"cannot import {module_name!r} (from {spec!r}): {e}") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise CliError(f"{module_name!r} has no attribute {attr!r} (from {spec!r})")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise CliError(f"{spec!r} is not callable; give a model class or a function returning an nn.Module")
+    return factory
+
+
+def _progress(msg: str) -> None:
+    print(f"[fxcompress] {msg}", file=sys.stderr, flush=True)
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return out.float().pow(2).mean()
+
+
+def _train(cm: nn.Module, inputs: Sequence[torch.Tensor], steps: int, label: str) -> None:
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm.train()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(cm(*inputs))
+        loss.backward()
+        opt.step()
+        what = "compile + step" if step == 0 else "step"
+        _progress(f"{label}: {what} {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.1f}s)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .models import ResidualCNN, TinyTransformer
+
+    codecs = [Codec(c) for c in args.codecs] if args.codecs else sorted(IMPLEMENTED_CODECS, key=list(Codec).index)
+    for factory in (ResidualCNN, TinyTransformer):
+        for codec in codecs:
+            torch.manual_seed(0)
+            model = factory()
+            x = model.example_input()
+            cm = api.compile(model, CompressConfig(codec=codec), backend=args.backend)
+            _train(cm, [x], args.steps, f"{factory.__name__} codec={codec.value}")
+            report = api.explain(cm)
+            print(f"\n### {factory.__name__}, codec={codec.value}, backend={args.backend}")
+            print(report)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    factory = load_factory(args.model)
+    inputs = [parse_input(s) for s in args.input]
+    _progress(f"building {args.model}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise CliError(f"{args.model!r} returned {type(model).__name__}, not an nn.Module")
+    cm = api.compile(model, CompressConfig(codec=args.codec), backend=args.backend)
+    cm.train()
+    _progress(f"capturing one training step ({args.backend} backend)")
+    t0 = time.perf_counter()
+    out = cm(*inputs)
+    _loss(out if isinstance(out, torch.Tensor) else out[0]).backward()
+    _progress(f"captured in {time.perf_counter() - t0:.1f}s")
+    print(api.explain(cm))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    codec_names = [c.value for c in Codec]
+    backends = [b.value for b in Backend]
+
+    d = sub.add_parser("demo", help="train built-in models a few steps and print each report")
+    d.add_argument("--backend", choices=backends, default="eager")
+    d.add_argument("--steps", type=int, default=3)
+    d.add_argument("--codecs", nargs="*", choices=codec_names, help="default: every implemented codec")
+    d.set_defaults(run=cmd_demo)
+
+    e = sub.add_parser("explain", help="capture one training step of MODULE:FACTORY and print the report")
+    e.add_argument("model", help="importable factory, e.g. torchvision.models:resnet18")
+    e.add_argument("--input", action="append", required=True, help="8x3x224x224 or int:8x1024:50257 (repeatable)")
+    e.add_argument("--codec", choices=codec_names, default="lossless")
+    e.add_argument("--backend", choices=backends, default="eager")
+    e.set_defaults(run=cmd_explain)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FxCompressError as e:
+        print(f"fxcompress: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared helpers: one training step of a zoo model under a given config."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxcompress
+from fxcompress.models import ZOO
+
+
+@dataclasses.dataclass
+class StepResult:
+    module: nn.Module
+    output: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+
+def make_model(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = ZOO[name]()
+    return model, model.example_input()
+
+
+def train_step(model: nn.Module, x: torch.Tensor, wrap, *, seed: int = 1) -> StepResult:
+    """Run ``wrap(model)`` forward/backward once with a fixed RNG; return output and gradients."""
+    model.zero_grad(set_to_none=True)
+    module = wrap(model)
+    module.train()
+    torch.manual_seed(seed)
+    out = module(x)
+    out.float().pow(2).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return StepResult(module, out.detach(), grads)
+
+
+def compressed(codec: str, backend: str = "eager", **kw):
+    return lambda m: fxcompress.compile(m, fxcompress.CompressConfig(codec=codec, **kw), backend=backend)
+
+
+def assert_grads_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"gradient of {k} differs: max |d| = {(a[k] - b[k]).abs().max()}"
+
+
+def assert_grads_close(a: dict, b: dict, rtol=1e-5, atol=1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+ZOO_NAMES = sorted(ZOO)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
