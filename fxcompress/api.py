@@ -156,7 +156,8 @@ def explain(cm: CompressedModule) -> Report:
         for saved, decision in zip(cap.original.saved, cap.plan.decisions):
             if decision.alias_of is not None:
                 # NB: a view shares its base's storage; it never cost bytes of its own.
-                bytes_before, bytes_after, codec = 0, 0, f"alias(#{decision.alias_of})"
+                bytes_before, bytes_after = 0, 0
+                codec = f"alias({cap.original.saved[decision.alias_of].name})"
             elif decision.codec is None:
                 bytes_before, bytes_after, codec = saved.own_bytes, saved.own_bytes, "none"
             else:

@@ -10,6 +10,7 @@ key :data:`META_KEY`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,7 +64,12 @@ class SavedTensor:
     @property
     def op(self) -> str:
         """The aten op that produced it (``input`` for graph inputs)."""
-        return "input" if self.fw_node.op == "placeholder" else _target_name(self.fw_node)
+        node = self.fw_node
+        if node.op == "placeholder":
+            return "input"
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            return f"{_target_name(node.args[0])}[{node.args[1]}]"  # which output of a tuple op
+        return _target_name(node)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ __all__ = ["plan_codecs"]
 
 def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
     """Decide, with a reason, what happens to each saved tensor of ``program``."""
-    early = {s.index: _decide_early(s, config) for s in program.saved}
+    early = {s.index: _decide_early(s, program, config) for s in program.saved}
     # NB: the backward reads a tensor through its own placeholder and through
     # those of its aliases (which become views of it), so a codec must serve
     # the uses of all of them.
@@ -46,7 +46,7 @@ def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
     )
 
 
-def _decide_early(saved: SavedTensor, config: CompressConfig) -> Decision | None:
+def _decide_early(saved: SavedTensor, program: Program, config: CompressConfig) -> Decision | None:
     """Rules 1-3, which do not look at the backward's uses."""
     if config.codec is CodecName.NONE:
         return Decision(None, "codec='none'")
@@ -55,7 +55,8 @@ def _decide_early(saved: SavedTensor, config: CompressConfig) -> Decision | None
     if saved.is_forward_output:
         return Decision(None, "also a forward output: the caller may keep it alive")
     if saved.view_of is not None:
-        return Decision(None, f"view of saved tensor #{saved.view_of}: stored once", alias_of=saved.view_of)
+        base = program.saved[saved.view_of].name
+        return Decision(None, f"view of saved tensor {base}: stored once", alias_of=saved.view_of)
     return None
 
 

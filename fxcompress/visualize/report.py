@@ -27,12 +27,14 @@ def format_report(report: "Report") -> str:
             "x".join(map(str, r.shape)) or "scalar",
             r.dtype,
             r.codec,
-            format_bytes(r.bytes_before) + ("" if r.counted else "*"),
-            format_bytes(r.bytes_after) + ("" if r.counted else "*"),
+            format_bytes(r.bytes_before),
+            format_bytes(r.bytes_after),
             r.reason,
         )
         for r in report.rows
+        if r.counted
     ]
+    inputs = [r for r in report.rows if not r.counted]
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:{'>' if i in (6, 7) else '<'}{w}}}" for i, w in enumerate(widths[:-1])) + "  {}"
     out = [f"fxcompress report  {report.config}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -40,10 +42,13 @@ def format_report(report: "Report") -> str:
     before, after = report.saved_bytes_before, report.saved_bytes_after
     ratio = f"{before / after:.2f}x smaller" if after else "nothing left saved"
     out.append("")
-    out.append(
-        f"saved for backward: {format_bytes(before)} -> {format_bytes(after)} ({ratio}); "
-        f"* = graph input, kept alive by its owner, not counted"
-    )
+    out.append(f"saved for backward: {format_bytes(before)} -> {format_bytes(after)} ({ratio})")
+    if inputs:
+        total = sum(r.bytes_before for r in inputs)
+        out.append(
+            f"also saved, not counted: {len(inputs)} graph inputs (parameters, buffers, user inputs; "
+            f"{format_bytes(total)}), kept alive by their owners"
+        )
     if report.predicted_peak_bytes_before is not None:
         out.append(
             f"predicted step peak: {format_bytes(report.predicted_peak_bytes_before)} -> "

@@ -1,0 +1,65 @@
+"""The command line, run as a user runs it (a subprocess)."""
+import subprocess
+import sys
+
+import pytest
+
+from fxcompress.cli import CliError, load_factory, parse_input
+
+
+def run(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "fxcompress", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_demo_runs_end_to_end():
+    out = run("demo", "--steps", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for model in ("ResidualCNN", "TinyTransformer"):
+        for codec in ("none", "lossless"):
+            assert f"### {model}, codec={codec}" in out.stdout
+    assert out.stdout.count("saved for backward:") == 4
+    assert "compile + step 1/2" in out.stderr  # progress is shown
+
+
+def test_explain_a_factory_with_float_and_token_inputs():
+    out = run("explain", "fxcompress.models:ConvNet", "--input", "4x3x16x16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "narrow[uint8]" in out.stdout and "saved for backward:" in out.stdout
+    out = run("explain", "fxcompress.models:TinyTransformer", "--input", "int:2x32:96", "--codec", "none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "codec='none'" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["explain", "no_such_module:f", "--input", "2x3"], "cannot import 'no_such_module'"),
+        (["explain", "fxcompress.models:Nope", "--input", "2x3"], "has no attribute 'Nope'"),
+        (["explain", "fxcompress.models", "--input", "2x3"], "use MODULE:FACTORY"),
+        (["explain", "fxcompress.models:MLP", "--input", "2xabc"], "accepted forms"),
+        (["explain", "fxcompress.models:MLP", "--input", "int:2x3"], "accepted forms"),
+        (["explain", "fxcompress.models:MLP", "--input", "16x64", "--codec", "int4"], "not implemented"),
+    ],
+)
+def test_bad_arguments_fail_cleanly(args, message):
+    out = run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_codec_is_rejected_by_the_parser():
+    out = run("explain", "fxcompress.models:MLP", "--input", "2x64", "--codec", "int3")
+    assert out.returncode == 2 and "invalid choice: 'int3'" in out.stderr
+
+
+def test_parse_input_and_load_factory():
+    assert parse_input("2x3x4").shape == (2, 3, 4)
+    ids = parse_input("int:3x5:7")
+    assert ids.shape == (3, 5) and int(ids.max()) < 7 and not ids.is_floating_point()
+    for bad in ("", "0x3", "int:2x3:0", "3-4"):
+        with pytest.raises(CliError):
+            parse_input(bad)
+    assert load_factory("fxcompress.models:MLP").__name__ == "MLP"
