@@ -1,0 +1,67 @@
+"""Regenerate the README's results table from bench/results/*.json.
+
+    python bench/table.py          # rewrite the table in README.md
+    python bench/table.py --check  # exit 1 if README.md is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def render(results_dir: pathlib.Path = ROOT / "bench" / "results") -> str:
+    files = sorted(results_dir.glob("*.json"))
+    if not files:
+        return "_No GPU results yet: `bench/` scripts write them to `bench/results/`._"
+    lines = [
+        "| model | variant | items/s | × torch.compile | activation GiB | saved GiB (before→after) | device, torch | file |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in files:
+        data = json.loads(path.read_text())
+        env = data["environment"]
+        where = f"{env.get('gpu', env.get('cpu', env['device']))}, torch {env['torch']}"
+        base = {r["model"]: r["items_per_s"] for r in data["results"] if r["variant"] == "torch.compile"}
+        for r in data["results"]:
+            rel = f"{r['items_per_s'] / base[r['model']]:.2f}" if r["model"] in base else "–"
+            saved = (
+                f"{r['saved_gib_before']:.2f}→{r['saved_gib_after']:.2f}"
+                if r.get("saved_gib_before") is not None
+                else "–"
+            )
+            lines.append(
+                f"| {r['model']} | {r['variant']} | {r['items_per_s']:,.0f} | {rel} | "
+                f"{r['activation_gib']:.2f} | {saved} | {where} | `{path.name}` |"
+            )
+    return "\n".join(lines)
+
+
+def updated_readme(text: str) -> str:
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{render()}\n{END}{tail}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = updated_readme(text)
+    if args.check:
+        if new != text:
+            print("README.md results table is out of date: run python bench/table.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
