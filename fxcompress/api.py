@@ -14,7 +14,7 @@ import torch.nn as nn
 from .capture import CaptureLog, make_backend
 from .config import Backend, CompressConfig
 from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError
-from .ir import Report, ReportRow, target_name
+from .ir import Report, ReportRow
 
 __all__ = ["compile", "explain", "CompressedModule"]
 
@@ -102,10 +102,6 @@ class CompressedModule(nn.Module):
                     f"forward surface here too)"
                 ) from e
             raise
-
-    def train(self, mode: bool = True) -> "CompressedModule":
-        super().train(mode)
-        return self
 
     def extra_repr(self) -> str:
         return f"config={self.config.describe()}, backend={self.backend.value!r}"

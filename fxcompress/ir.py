@@ -68,8 +68,8 @@ class SavedTensor:
         if node.op == "placeholder":
             return "input"
         if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            return f"{_target_name(node.args[0])}[{node.args[1]}]"  # which output of a tuple op
-        return _target_name(node)
+            return f"{target_name(node.args[0])}[{node.args[1]}]"  # which output of a tuple op
+        return target_name(node)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +151,11 @@ class Report:
         return format_report(self)
 
 
-def _target_name(node: fx.Node) -> str:
+def target_name(node: fx.Node) -> str:
+    """``relu``, ``gt.Scalar``: an aten overload's short name (``default`` left out)."""
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
         packet, overload = t._schema.name.split("::")[-1], t._overloadname
         return packet if overload == "default" else f"{packet}.{overload}"
     return getattr(t, "__name__", str(t))
 
-
-target_name = _target_name

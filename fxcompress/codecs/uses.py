@@ -23,6 +23,8 @@ from typing import Callable, Union
 import torch
 import torch.fx as fx
 
+from ..ir import target_name
+
 aten = torch.ops.aten
 
 __all__ = [
@@ -268,6 +270,4 @@ def _view_closure(node: fx.Node) -> set[fx.Node]:
 
 
 def _op_name(node: fx.Node) -> str:
-    from ..ir import target_name
-
     return "output" if node.op == "output" else target_name(node)
