@@ -85,7 +85,7 @@ class CompressedModule(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return self._orig_mod(*args, **kwargs)
         try:
-            return self._compiled(*args, **kwargs)
+            out = self._compiled(*args, **kwargs)
         except FxCompressError:
             raise
         except Exception as e:  # noqa: BLE001 - translated below, never swallowed
@@ -102,6 +102,17 @@ class CompressedModule(nn.Module):
                     f"forward surface here too)"
                 ) from e
             raise
+        if not self.capture_log.captures():
+            # NB: Dynamo falls back to running the model eagerly when it gives up
+            # (e.g. config.recompile_limit reached because many modules share one
+            # forward); training would then silently save everything.
+            raise CaptureError(
+                f"torch.compile ran {type(self._orig_mod).__name__} without capturing a graph, so "
+                f"nothing would be compressed. Usual cause: torch._dynamo.config.recompile_limit "
+                f"({torch._dynamo.config.recompile_limit}) was reached, e.g. by compiling many "
+                f"instances or configs of one model class; raise it or call torch._dynamo.reset()"
+            )
+        return out
 
     def extra_repr(self) -> str:
         return f"config={self.config.describe()}, backend={self.backend.value!r}"

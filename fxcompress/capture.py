@@ -189,6 +189,8 @@ class Partitioner(CustomPartitionerFn):
         program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name)
         plan = plan_codecs(program, self.config)
         rewritten = rewrite_saved_tensors(program, plan, self._decompositions())
+        if self.backend is Backend.INDUCTOR:
+            _lower_random_ops(rewritten.fw)
         self.log.record(Capture(key, program, plan, rewritten))
         return rewritten.fw, rewritten.bw
 
@@ -207,6 +209,26 @@ class Partitioner(CustomPartitionerFn):
 
             return select_decomp_table()
         return None
+
+
+def _lower_random_ops(fw: fx.GraphModule) -> None:
+    """Turn the ``aten.rand`` of stochastic rounding into Inductor's seeded random ops.
+
+    NB: Inductor rewrites random ops in its joint-graph passes, which run
+    before the partitioner; ops inserted after it must go through the same
+    pass or they fail to lower. This edits the freshly rewritten forward
+    (fxcompress's own copy) in place.
+    """
+    if not any(n.target is torch.ops.aten.rand.default for n in fw.graph.nodes):
+        return
+    from torch._inductor.fx_passes.replace_random import replace_random_passes
+    from torch._inductor.virtualized import V
+
+    fake_mode = next(n.meta["val"].fake_mode for n in fw.graph.nodes if isinstance(n.meta.get("val"), FakeTensor))
+    with V.set_fake_mode(fake_mode):
+        replace_random_passes(fw)
+    fw.graph.lint()
+    fw.recompile()
 
 
 def make_backend(config: CompressConfig, backend: Backend, log: CaptureLog) -> Callable[..., Any]:

@@ -61,7 +61,9 @@ class BasePartitioner(str, enum.Enum):
 
 # Codecs and rules that this version implements. The others are accepted
 # names of the public contract and fail with UnsupportedError at compile time.
-IMPLEMENTED_CODECS = frozenset({Codec.NONE, Codec.LOSSLESS})
+IMPLEMENTED_CODECS = frozenset({Codec.NONE, Codec.LOSSLESS, Codec.INT8, Codec.INT4, Codec.INT2, Codec.FP8})
+LOSSY_BITS = {Codec.INT8: 8, Codec.INT4: 4, Codec.INT2: 2}
+FP8_FORMATS = ("e4m3", "e5m2")
 IMPLEMENTED_RULES = frozenset({LearningRule.BACKPROP})
 
 
@@ -91,6 +93,12 @@ class CompressConfig:
             is a :class:`~fxcompress.CaptureError` instead of a split graph.
         dynamic: passed to ``torch.compile``. Default ``False``: a new input
             shape (say, the last, smaller batch) compiles a new graph.
+        group_size: elements per quantization group (consecutive in memory),
+            each with its own range; a multiple of 8. Default 256 (ActNN's).
+        stochastic_rounding: unbiased stochastic rounding for the integer
+            codecs (default ``True``); ``False`` rounds to nearest.
+            Reproducible under ``torch.manual_seed``.
+        fp8_format: ``"e4m3"`` (default, more precision) or ``"e5m2"`` (more range).
     """
 
     codec: Codec | str = Codec.LOSSLESS
@@ -99,6 +107,9 @@ class CompressConfig:
     base_partitioner: BasePartitioner | str = BasePartitioner.AUTO
     fullgraph: bool = False
     dynamic: bool = False
+    group_size: int = 256
+    stochastic_rounding: bool = True
+    fp8_format: str = "e4m3"
 
     def __post_init__(self) -> None:
         # NB: frozen dataclass, so normalized values go in through object.__setattr__.
@@ -115,7 +126,15 @@ class CompressConfig:
             raise ConfigError(
                 f"min_bytes={self.min_bytes!r} is not accepted; use an int >= 0 (bytes)"
             )
-        for name in ("fullgraph", "dynamic"):
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 8:
+            raise ConfigError(f"group_size={g!r} is not accepted; use a positive multiple of 8 (e.g. 256)")
+        if self.fp8_format not in FP8_FORMATS:
+            raise ConfigError(
+                f"fp8_format={self.fp8_format!r} is not accepted; use one of "
+                + ", ".join(repr(f) for f in FP8_FORMATS)
+            )
+        for name in ("fullgraph", "dynamic", "stochastic_rounding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"{name}={getattr(self, name)!r} is not accepted; use True or False"

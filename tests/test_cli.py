@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from fxcompress.cli import CliError, load_factory, parse_input
+from fxcompress.config import IMPLEMENTED_CODECS
 
 
 def run(*args, timeout=600):
@@ -16,10 +17,11 @@ def run(*args, timeout=600):
 def test_demo_runs_end_to_end():
     out = run("demo", "--steps", "2")
     assert out.returncode == 0, out.stderr[-3000:]
+    codecs = sorted(c.value for c in IMPLEMENTED_CODECS)
     for model in ("ResidualCNN", "TinyTransformer"):
-        for codec in ("none", "lossless"):
+        for codec in codecs:
             assert f"### {model}, codec={codec}" in out.stdout
-    assert out.stdout.count("saved for backward:") == 4
+    assert out.stdout.count("saved for backward:") == 2 * len(codecs)
     assert "compile + step 1/2" in out.stderr  # progress is shown
 
 
@@ -40,7 +42,7 @@ def test_explain_a_factory_with_float_and_token_inputs():
         (["explain", "fxcompress.models", "--input", "2x3"], "use MODULE:FACTORY"),
         (["explain", "fxcompress.models:MLP", "--input", "2xabc"], "accepted forms"),
         (["explain", "fxcompress.models:MLP", "--input", "int:2x3"], "accepted forms"),
-        (["explain", "fxcompress.models:MLP", "--input", "16x64", "--codec", "int4"], "not implemented"),
+        (["explain", "fxcompress.models:MLP", "--input", "16x64", "--codec", "blpa4"], "not implemented"),
     ],
 )
 def test_bad_arguments_fail_cleanly(args, message):

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits"]
+__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "unpack_codes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,21 +89,42 @@ class Codec(abc.ABC):
         """Backward side: a tensor with ``x``'s layout that every consumer accepts."""
 
 
-def _bit_weights(device: torch.device) -> torch.Tensor:
-    ones = torch.ones(8, dtype=torch.uint8, device=device)
-    return torch.bitwise_left_shift(ones, torch.arange(8, dtype=torch.uint8, device=device))
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    """Bit offsets of the ``8 // bits`` codes in a byte: 0, bits, 2*bits, ..."""
+    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack 1-D uint8 codes below ``2**bits`` into bytes, ``8 // bits`` per byte.
+
+    Code ``i`` lands at bit offset ``bits * (i % (8 // bits))``; the input is
+    zero-padded to a whole number of bytes.
+    """
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    n = codes.numel()
+    if n % per_byte:
+        codes = torch.constant_pad_nd(codes, [0, per_byte - n % per_byte])
+    shifts = _shifts(bits, codes.device)
+    weights = torch.bitwise_left_shift(torch.ones_like(shifts), shifts)
+    return (codes.view(-1, per_byte) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``n`` codes as 1-D uint8."""
+    if bits == 8:
+        return packed if packed.numel() == n else packed[:n]
+    shifted = torch.bitwise_right_shift(packed.unsqueeze(-1), _shifts(bits, packed.device))
+    codes = shifted.bitwise_and((1 << bits) - 1).view(-1)
+    return codes if codes.numel() == n else codes[:n]
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a 1-D bool tensor 8 elements per byte (element ``i`` is bit ``i % 8``)."""
-    n = bits.numel()
-    b = bits.to(torch.uint8)
-    if n % 8:
-        b = torch.constant_pad_nd(b, [0, 8 - n % 8])
-    return (b.view(-1, 8) * _bit_weights(bits.device)).sum(-1, dtype=torch.uint8)
+    return pack_codes(bits.to(torch.uint8), 1)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` bits as a 1-D bool tensor."""
-    bits = packed.unsqueeze(-1).bitwise_and(_bit_weights(packed.device)).ne(0).view(-1)
-    return bits if bits.numel() == n else bits[:n]
+    return unpack_codes(packed, 1, n).ne(0)

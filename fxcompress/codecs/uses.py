@@ -32,6 +32,7 @@ __all__ = [
     "ShapeUse",
     "PredicateUse",
     "IndexUse",
+    "ExactUse",
     "ValuesUse",
     "Use",
     "VIEW_OPS",
@@ -80,8 +81,60 @@ class Predicate:
             return float(v_true), float(v_false)
         return None
 
+    def near_values(self, dtype: torch.dtype) -> tuple[float, float]:
+        """Values of ``dtype`` just on each side of the boundary, for :meth:`nearest`.
+
+        For ``le/lt/ge/gt``: the values closest to the constant for which the
+        predicate is true / false. For the two-sided kinds: the smallest and
+        largest values strictly inside ``(lo, hi)``. Computed once at plan
+        time (in Python, not in the traced code).
+        """
+        c = self.consts
+        if self.kind in ("outside", "notinside"):
+            return _step(c[0], 1, dtype), _step(c[1], -1, dtype)
+        at = float(torch.tensor(c[0], dtype=torch.float64).to(dtype))
+        if self.kind == "le":
+            return at, _step(at, 1, dtype)
+        if self.kind == "lt":
+            return _step(at, -1, dtype), at
+        if self.kind == "ge":
+            return at, _step(at, -1, dtype)
+        return _step(at, 1, dtype), at  # gt
+
+    def nearest(self, q: torch.Tensor, want: torch.Tensor, near: tuple[float, float]) -> torch.Tensor:
+        """Elementwise, a value close to ``q`` whose predicate is ``want``.
+
+        Used where a lossy copy ``q`` crossed the predicate's boundary: the
+        exact side is restored by moving to the boundary, a distance the
+        true value also lies beyond. ``near`` is :meth:`near_values`.
+        """
+        def const(v: float) -> torch.Tensor:
+            return torch.scalar_tensor(v, dtype=q.dtype, device=q.device)
+
+        if self.kind in ("outside", "notinside"):
+            lo, hi = self.consts
+            edge = torch.where(q - lo < hi - q, const(lo), const(hi))
+            return torch.where(want, edge, q.clamp(near[0], near[1]))
+        return torch.where(want, const(near[0]), const(near[1]))
+
     def __str__(self) -> str:
         return f"{self.kind}({', '.join(f'{v:g}' for v in self.consts)})"
+
+
+def _step(c: float, direction: int, dtype: torch.dtype) -> float:
+    """A value of ``dtype`` strictly beyond ``c`` in ``direction``, as close as is safe.
+
+    NB: the smallest *normal* number, not a subnormal, so that kernels that
+    flush subnormals to zero still see the right side of the boundary.
+    """
+    info = torch.finfo(dtype)
+    delta = max(abs(c) * info.eps, info.smallest_normal)
+    for _ in range(4):
+        v = float(torch.tensor(c + direction * delta, dtype=torch.float64).to(dtype))
+        if (v - c) * direction > 0:
+            return v
+        delta *= 2
+    raise ValueError(f"no {dtype} value beyond {c}")
 
 
 _COMPARE: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
@@ -110,13 +163,20 @@ class IndexUse:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExactUse:
+    """Values that must stay exact (normalization statistics, attention's log-sum-exp)."""
+
+    op: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ValuesUse:
     """The op reads the values; only a value-preserving (or lossy) codec may feed it."""
 
     op: str
 
 
-Use = Union[ShapeUse, PredicateUse, IndexUse, ValuesUse]
+Use = Union[ShapeUse, PredicateUse, IndexUse, ExactUse, ValuesUse]
 
 # Ops that only re-describe their first argument's storage. In the backward
 # they are looked through (a predicate of a view is a view of the predicate);
@@ -213,6 +273,10 @@ def _shape(node: fx.Node) -> Use:
     return ShapeUse()
 
 
+def _exact(node: fx.Node) -> Use:
+    return ExactUse(_op_name(node))
+
+
 # (op, argument position) -> how the op reads that argument; None from the
 # function means "not in a form we can prove anything about" (values).
 _ARG_USES: dict[tuple[object, int], Callable[[fx.Node], Use | None]] = {
@@ -231,6 +295,24 @@ _ARG_USES: dict[tuple[object, int], Callable[[fx.Node], Use | None]] = {
 }
 for _op in _SHAPE_ONLY_OPS:
     _ARG_USES[(_op, 0)] = _shape
+
+# Statistics and attention internals: a small error here is amplified (an
+# inverse standard deviation scales a whole row; the log-sum-exp
+# renormalizes a softmax that the backward recomputes), so no lossy codec.
+_EXACT_ARGS = {
+    aten.native_batch_norm_backward.default: (5, 6),
+    aten.native_layer_norm_backward.default: (2, 3),
+    aten.native_group_norm_backward.default: (2, 3),
+    aten._scaled_dot_product_flash_attention_backward.default: tuple(range(1, 7)),
+    aten._scaled_dot_product_efficient_attention_backward.default: tuple(range(1, 7)),
+    aten._scaled_dot_product_cudnn_attention_backward.default: tuple(range(1, 7)),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: tuple(range(1, 7)),
+    aten._flash_attention_backward.default: tuple(range(1, 7)),
+    aten._efficient_attention_backward.default: tuple(range(1, 7)),
+}
+for _op, _slots in _EXACT_ARGS.items():
+    for _slot in _slots:
+        _ARG_USES.setdefault((_op, _slot), _exact)
 
 
 def terminal_users(node: fx.Node) -> list[fx.Node]:

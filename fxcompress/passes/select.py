@@ -13,7 +13,13 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 7. Read only for its shape: :class:`ShapeOnly`.
 8. Read only through one predicate (and shapes): :class:`PredicateMask`.
 9. Integer read only as bounded indices: :class:`NarrowInt`.
-10. Otherwise keep, naming the op that reads the values.
+10. Read as values by an op that needs them exact (normalization
+    statistics, attention internals): keep.
+11. With a lossy codec, a float tensor read as values: quantized
+    (:class:`GroupAffine` or :class:`GroupFP8`); if it is also read through
+    one predicate, that predicate is stored exactly beside it
+    (:class:`MaskedLossy`).
+12. Otherwise keep, naming the op that reads the values.
 """
 from __future__ import annotations
 
@@ -22,9 +28,10 @@ import torch.fx as fx
 
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
-from ..codecs.uses import IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
+from ..codecs.quant import GroupAffine, GroupFP8, MaskedLossy
+from ..codecs.uses import ExactUse, IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
+from ..config import LOSSY_BITS, CompressConfig
 from ..config import Codec as CodecName
-from ..config import CompressConfig
 from ..ir import CodecPlan, Decision, Program, SavedTensor
 
 __all__ = ["plan_codecs"]
@@ -70,10 +77,14 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
         return Decision(BitMask(layout), "bool: 8 per byte")
 
     uses = [u for reader in readers for _, u in uses_of(reader)]
+    exact = [u for u in uses if isinstance(u, ExactUse)]
+    if exact:
+        ops = ", ".join(sorted({u.op for u in exact}))
+        return Decision(None, f"read by {ops}, which needs exact values")
     values = [u for u in uses if isinstance(u, ValuesUse)]
     if values:
         ops = ", ".join(sorted({u.op for u in values}))
-        return Decision(None, f"values read by {ops}; no lossless encoding applies")
+        return _lossy(saved, layout, uses, ops, config)
     if not uses or all(isinstance(u, ShapeUse) for u in uses):
         return Decision(ShapeOnly(layout), "read only for its shape")
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
@@ -93,6 +104,26 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     if narrow is None:
         return Decision(None, f"indices < {min(bounds)} need all of {saved.dtype}")
     return Decision(NarrowInt(layout, narrow), f"indices < {min(bounds)}")
+
+
+def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: CompressConfig) -> Decision:
+    if config.codec not in LOSSY_BITS and config.codec is not CodecName.FP8:
+        return Decision(None, f"values read by {ops}; no lossless encoding applies")
+    if not saved.dtype.is_floating_point or saved.dtype.itemsize < 2:
+        return Decision(None, f"values read by {ops}; {saved.dtype} is not quantized")
+    if config.codec is CodecName.FP8:
+        inner = GroupFP8(layout, config.fp8_format, config.group_size)
+    else:
+        inner = GroupAffine(layout, LOSSY_BITS[config.codec], config.group_size, config.stochastic_rounding)
+    predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
+    if len(predicates) == 1:
+        (predicate,) = predicates
+        try:
+            near = predicate.near_values(saved.dtype)
+        except ValueError:
+            return Decision(inner, f"values read by {ops}; no {saved.dtype} values around {predicate}")
+        return Decision(MaskedLossy(inner, predicate, near), f"values read by {ops}; {predicate} kept exact")
+    return Decision(inner, f"values read by {ops}")
 
 
 def view_chain(node: fx.Node, base: fx.Node) -> list[fx.Node]:

@@ -1,0 +1,165 @@
+"""Lossy codecs: per-group affine integers (int8/int4/int2) and fp8 with a per-group scale.
+
+Groups are ``group`` consecutive elements in memory order (channels-last
+stays channels-last, no reshape copy). Every group stores its own range, so
+one outlier costs precision only in its group.
+
+``GroupAffine(bits=b)``, per group of G elements with minimum ``lo`` and
+``scale = (max - lo) / (2**b - 1)``::
+
+    code = clamp(floor((x - lo) / scale + u), 0, 2**b - 1)     u = 1/2, or U[0, 1) stochastic
+    x'   = lo + code * scale
+
+Deterministic rounding errs by at most ``scale / 2`` per element; stochastic
+rounding by less than ``scale`` and is unbiased (``E[x'] = x``). Bytes:
+``n * b / 8`` for the codes plus 8 per group (``lo`` and ``scale`` in fp32).
+
+``GroupFP8``: ``x' = fp8(x / s) * s`` with ``s = amax|x| / fp8_max`` per group;
+relative error about 2**-4 (e4m3) or 2**-3 (e5m2) of each element. Bytes:
+``n`` plus 4 per group.
+
+A group holding NaN or ±inf decodes to NaN as a whole: non-finite
+activations reach the backward as non-finite (AMP's GradScaler sees them),
+never as finite garbage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .base import Codec, Layout, pack_bits, pack_codes, unpack_bits, unpack_codes
+from .uses import Predicate
+
+__all__ = ["GroupAffine", "GroupFP8", "MaskedLossy", "FP8_FORMATS"]
+
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def _groups(layout: Layout, x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` in memory order as ``(n_groups, group)`` fp32, the last group padded by repetition."""
+    flat = layout.flatten(x)
+    n = flat.numel()
+    if n % group:
+        flat = torch.cat([flat, flat[-1:].expand(group - n % group)])
+    return flat.view(-1, group).float()
+
+
+def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
+    flat = groups.reshape(-1)
+    if flat.numel() != layout.numel:
+        flat = flat[: layout.numel]
+    return layout.unflatten(flat.to(layout.dtype))
+
+
+def _poison_nonfinite(g: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``param`` per group, NaN where the group holds a NaN or an inf."""
+    finite = torch.isfinite(g).all(dim=1, keepdim=True)
+    return torch.where(finite, param, torch.full_like(param, math.nan))
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupAffine(Codec):
+    layout: Layout
+    bits: int
+    group: int
+    stochastic: bool
+
+    lossless = False
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + ("" if self.stochastic else "/det")
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        g = _groups(self.layout, x, self.group)
+        lo = g.amin(dim=1, keepdim=True)
+        scale = (g.amax(dim=1, keepdim=True) - lo) / self.levels
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        v = (g - lo) * inv
+        v = v + (torch.rand_like(v) if self.stochastic else 0.5)
+        codes = v.floor().clamp(0, self.levels).to(torch.uint8)
+        return pack_codes(codes.view(-1), self.bits), _poison_nonfinite(g, lo), scale
+
+    def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        codes = unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group)
+        return _ungroup(self.layout, codes.float() * scale + lo)
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-element bound on ``|x' - x|`` (before the cast back to ``x``'s dtype)."""
+        g = _groups(self.layout, x, self.group)
+        scale = (g.amax(dim=1, keepdim=True) - g.amin(dim=1, keepdim=True)) / self.levels
+        bound = scale if self.stochastic else scale / 2
+        return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound.expand_as(g))
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupFP8(Codec):
+    layout: Layout
+    fmt: str
+    group: int
+
+    lossless = False
+
+    @property
+    def name(self) -> str:
+        return f"fp8[{self.fmt}]"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dtype = FP8_FORMATS[self.fmt]
+        g = _groups(self.layout, x, self.group)
+        amax = g.abs().amax(dim=1, keepdim=True)
+        scale = amax / torch.finfo(dtype).max
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        return (g * inv).to(dtype), _poison_nonfinite(g, scale)
+
+    def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return _ungroup(self.layout, q.float() * scale)
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-element bound: half an fp8 ulp of ``x / s`` (relative) plus the subnormal step, times ``s``."""
+        info = torch.finfo(FP8_FORMATS[self.fmt])
+        g = _groups(self.layout, x, self.group)
+        scale = g.abs().amax(dim=1, keepdim=True) / info.max
+        bound = g.abs() * (info.eps / 2) + scale * (info.smallest_normal * info.eps / 2)
+        return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLossy(Codec):
+    """A lossy codec plus the exact 1-bit predicate its predicate readers need.
+
+    A ReLU output read by the next convolution (values) and by
+    ``threshold_backward`` (``x <= 0``): the values are quantized, and where
+    the quantized value lands on the wrong side of the threshold it is moved
+    to the nearest value on the right side, so the mask is exact and the
+    error stays within the quantizer's bound.
+    """
+
+    inner: Codec
+    predicate: Predicate
+    near: tuple[float, float]  # Predicate.near_values(dtype), fixed at plan time
+
+    lossless = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}+mask[{self.predicate}]"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lay = self.inner.layout
+        return (*self.inner.encode(x), pack_bits(self.predicate(lay.flatten(x))))
+
+    def decode(self, *parts: torch.Tensor) -> torch.Tensor:
+        lay = self.inner.layout
+        q = self.inner.decode(*parts[:-1])
+        exact = lay.unflatten(unpack_bits(parts[-1], lay.numel))
+        return torch.where(self.predicate(q) == exact, q, self.predicate.nearest(q, exact, self.near))
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.max_error(x)
