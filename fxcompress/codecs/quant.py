@@ -11,12 +11,14 @@ one outlier costs precision only in its group.
     x'   = lo + code * scale
 
 Deterministic rounding errs by at most ``scale / 2`` per element; stochastic
-rounding by less than ``scale`` and is unbiased (``E[x'] = x``). Bytes:
-``n * b / 8`` for the codes plus 8 per group (``lo`` and ``scale`` in fp32).
+rounding by less than ``scale`` and is unbiased (``E[x'] = x``). With
+``g = ceil(n / G)`` groups, bytes: ``g * G * b / 8`` for the codes plus
+``8 * g`` (``lo`` and ``scale`` in fp32).
 
 ``GroupFP8``: ``x' = fp8(x / s) * s`` with ``s = amax|x| / fp8_max`` per group;
-relative error about 2**-4 (e4m3) or 2**-3 (e5m2) of each element. Bytes:
-``n`` plus 4 per group.
+error at most half an fp8 ulp of each element (2**-4 relative for e4m3,
+2**-3 for e5m2) plus half the smallest subnormal step times ``s``. Bytes:
+``g * G`` plus ``4 * g``.
 
 A group holding NaN or ±inf decodes to NaN as a whole: non-finite
 activations reach the backward as non-finite (AMP's GradScaler sees them),
@@ -90,6 +92,10 @@ class GroupAffine(Codec):
         codes = unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group)
         return _ungroup(self.layout, codes.float() * scale + lo)
 
+    def nbytes(self) -> int:
+        g = -(-self.layout.numel // self.group)
+        return g * self.group * self.bits // 8 + 8 * g
+
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         """Per-element bound on ``|x' - x|`` (before the cast back to ``x``'s dtype)."""
         g = _groups(self.layout, x, self.group)
@@ -121,6 +127,10 @@ class GroupFP8(Codec):
     def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, q.float() * scale)
 
+    def nbytes(self) -> int:
+        g = -(-self.layout.numel // self.group)
+        return g * self.group + 4 * g
+
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         """Per-element bound: half an fp8 ulp of ``x / s`` (relative) plus the subnormal step, times ``s``."""
         info = torch.finfo(FP8_FORMATS[self.fmt])
@@ -138,7 +148,9 @@ class MaskedLossy(Codec):
     ``threshold_backward`` (``x <= 0``): the values are quantized, and where
     the quantized value lands on the wrong side of the threshold it is moved
     to the nearest value on the right side, so the mask is exact and the
-    error stays within the quantizer's bound.
+    error stays within the quantizer's bound ``B``. For a two-sided predicate
+    (hardtanh's ``outside(lo, hi)``) the bit does not say which side, and the
+    nearer edge may be the wrong one: the bound is then ``2 B``.
     """
 
     inner: Codec
@@ -162,4 +174,5 @@ class MaskedLossy(Codec):
         return torch.where(self.predicate(q) == exact, q, self.predicate.nearest(q, exact, self.near))
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.max_error(x)
+        two_sided = self.predicate.kind in ("outside", "notinside")
+        return self.inner.max_error(x) * (2 if two_sided else 1)
