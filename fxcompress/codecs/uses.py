@@ -301,7 +301,7 @@ for _op in _SHAPE_ONLY_OPS:
 # renormalizes a softmax that the backward recomputes), so no lossy codec.
 _EXACT_ARGS = {
     aten.native_batch_norm_backward.default: (5, 6),
-    aten.native_layer_norm_backward.default: (2, 3),
+    aten.native_layer_norm_backward.default: (3, 4),
     aten.native_group_norm_backward.default: (2, 3),
     aten._scaled_dot_product_flash_attention_backward.default: tuple(range(1, 7)),
     aten._scaled_dot_product_efficient_attention_backward.default: tuple(range(1, 7)),
