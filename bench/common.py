@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import time
 from typing import Callable
@@ -128,7 +129,7 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     else:
-        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     return env
 
 

@@ -15,17 +15,25 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def render(results_dir: pathlib.Path = ROOT / "bench" / "results") -> str:
-    files = sorted(results_dir.glob("*.json"))
-    if not files:
-        return "_No GPU results yet: `bench/` scripts write them to `bench/results/`._"
+    files = [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
+    speed = [(p, d) for p, d in files if "results" in d]
+    fidelity = [(p, d) for p, d in files if "fidelity" in d]
+    parts = [_speed_table(speed) if speed else "_No GPU speed/memory results yet: `bench/bench_step.py` writes them._"]
+    if fidelity:
+        parts.append(_fidelity_table(fidelity))
+    return "\n\n".join(parts)
+
+
+def _where(env: dict) -> str:
+    return f"{env.get('gpu', env.get('cpu', env['device']))}, torch {env['torch']}"
+
+
+def _speed_table(files) -> str:
     lines = [
         "| model | variant | items/s | × torch.compile | activation GiB | saved GiB (before→after) | device, torch | file |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for path in files:
-        data = json.loads(path.read_text())
-        env = data["environment"]
-        where = f"{env.get('gpu', env.get('cpu', env['device']))}, torch {env['torch']}"
+    for path, data in files:
         base = {r["model"]: r["items_per_s"] for r in data["results"] if r["variant"] == "torch.compile"}
         for r in data["results"]:
             rel = f"{r['items_per_s'] / base[r['model']]:.2f}" if r["model"] in base else "–"
@@ -36,8 +44,25 @@ def render(results_dir: pathlib.Path = ROOT / "bench" / "results") -> str:
             )
             lines.append(
                 f"| {r['model']} | {r['variant']} | {r['items_per_s']:,.0f} | {rel} | "
-                f"{r['activation_gib']:.2f} | {saved} | {where} | `{path.name}` |"
+                f"{r['activation_gib']:.2f} | {saved} | {_where(data['environment'])} | `{path.name}` |"
             )
+    return "\n".join(lines)
+
+
+def _fidelity_table(files) -> str:
+    lines = []
+    for path, data in files:
+        rows = data["fidelity"]
+        codecs = list(dict.fromkeys(r["codec"] for r in rows))
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        value = {(r["task"], r["codec"]): r["value"] for r in rows}
+        lines.append(f"Fidelity (`{path.name}`, {_where(data['environment'])}; `{data['command']}`):")
+        lines.append("")
+        lines.append("| task | " + " | ".join(codecs) + " |")
+        lines.append("|---|" + "---|" * len(codecs))
+        for task in tasks:
+            cells = [f"{value[(task, c)]:.2f}" if "accuracy" in task else f"{value[(task, c)]:.4f}" for c in codecs]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,10 +1,15 @@
-"""Lossless codecs against torch.compile: saved bytes, activation memory, throughput.
+"""One training step, fxcompress against torch.compile: saved bytes, activation memory, throughput.
 
-    python bench/bench_lossless.py --device cuda --models resnet50 gpt2 --out bench/results/lossless_h100.json
+    # issue 2: lossless on ResNet-50 and GPT-2 small
+    python bench/bench_step.py --device cuda --models resnet50 gpt2 --out bench/results/lossless_h100.json
+    # issue 3: quantized codecs on ResNet-50, batch 256
+    python bench/bench_step.py --device cuda --models resnet50 --variants torch.compile \
+        "fxcompress int8" "fxcompress int4" "fxcompress int2" "fxcompress fp8" --out bench/results/quant_h100.json
 
-Variants, each in its own process so that memory and caches start clean:
-``torch.compile`` (Inductor), fxcompress ``none`` (the hook, no rewrite) and
-fxcompress ``lossless``, all on the Inductor backend, bf16 autocast on CUDA.
+Each variant runs in its own process so that memory and caches start clean.
+``torch.compile`` is Inductor; ``fxcompress CODEC`` is fxcompress.compile with
+that codec on the Inductor backend; bf16 autocast on CUDA. Memory is the
+step's peak minus what is allocated before it (weights, optimizer state).
 """
 from __future__ import annotations
 
@@ -22,13 +27,15 @@ import torch  # noqa: E402
 import fxcompress  # noqa: E402
 from common import GiB, Measurement, measure, write_results  # noqa: E402
 
-VARIANTS = ("torch.compile", "fxcompress none", "fxcompress lossless")
+VARIANTS = ("torch.compile", "fxcompress none", "fxcompress lossless")  # the default set
 OPTIMIZER = {"resnet50": "sgd", "gpt2": "adamw"}
 
 
 def wrap_for(variant: str):
     if variant == "torch.compile":
         return torch.compile
+    if not variant.startswith("fxcompress "):
+        raise SystemExit(f"variant {variant!r} is not accepted; use 'torch.compile' or 'fxcompress CODEC'")
     codec = variant.split()[-1]
     return lambda m: fxcompress.compile(m, fxcompress.CompressConfig(codec=codec), backend="inductor")
 
@@ -46,6 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", nargs="+", default=["resnet50", "gpt2"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -58,7 +66,7 @@ def main() -> None:
 
     rows = []
     for model in args.models:
-        for variant in VARIANTS:
+        for variant in args.variants:
             print(f"[bench] {model} / {variant} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--one-model", model, "--one-variant", variant]
