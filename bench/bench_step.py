@@ -64,6 +64,8 @@ def main() -> None:
     if args.one_model:
         return run_one(args)
 
+    for variant in args.variants:
+        wrap_for(variant)  # a bad name stops here, before any run
     rows = []
     for model in args.models:
         for variant in args.variants:
