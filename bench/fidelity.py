@@ -31,7 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxcompress  # noqa: E402
 from fxcompress.models import TinyTransformer  # noqa: E402
 
-SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare.txt"
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The project's shared data sits beside the checkout (../shared), or inside it.
+SHAKESPEARE = next(
+    (p for p in (_ROOT.parent / "shared" / "data" / "shakespeare.txt", _ROOT / "shared" / "data" / "shakespeare.txt") if p.exists()),
+    _ROOT.parent / "shared" / "data" / "shakespeare.txt",
+)
 
 
 class DigitsNet(nn.Module):

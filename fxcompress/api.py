@@ -160,6 +160,9 @@ def explain(cm: CompressedModule) -> Report:
         )
     rows = []
     for cap in captures:
+        encoded_bytes: dict[int, int] = {}
+        for s in cap.rewritten.saved:
+            encoded_bytes[s.source] = encoded_bytes.get(s.source, 0) + s.nbytes
         for saved, decision in zip(cap.original.saved, cap.plan.decisions):
             if decision.alias_of is not None:
                 # NB: a view shares its base's storage; it never cost bytes of its own.
@@ -169,11 +172,7 @@ def explain(cm: CompressedModule) -> Report:
                 bytes_before, bytes_after, codec = saved.own_bytes, saved.own_bytes, "none"
             else:
                 bytes_before = saved.own_bytes
-                bytes_after = sum(
-                    s.nbytes
-                    for s in cap.rewritten.saved
-                    if s.fw_node.meta.get("fxcompress", {}).get("of") == saved.name
-                )
+                bytes_after = encoded_bytes.get(saved.index, 0)
                 codec = decision.codec.name
             rows.append(
                 ReportRow(

@@ -51,6 +51,7 @@ class SavedTensor:
     is_graph_input: bool  # a parameter, buffer or user input: its owner keeps it alive
     is_forward_output: bool  # also returned to the caller, who may keep it alive
     view_of: int | None = None  # index of the saved tensor whose storage this one views
+    source: int | None = None  # in a rewritten Program: index of the original tensor this encodes
 
     @property
     def name(self) -> str:

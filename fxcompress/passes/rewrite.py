@@ -18,6 +18,7 @@ the view ops on its base. The input program is not modified.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch.fx as fx
@@ -49,7 +50,8 @@ def rewrite_saved_tensors(
     # Aliases first, latest first: a replayed view chain reads its base's
     # placeholder, which is then itself replaced (by a replay or a decode)
     # before its new first use.
-    for saved in sorted(program.saved, key=lambda s: -_position(program.fw, s.fw_node)):
+    order = {node: i for i, node in enumerate(program.fw.graph.nodes)}
+    for saved in sorted(program.saved, key=lambda s: -order[s.fw_node]):
         decision = plan.decisions[saved.index]
         if decision.alias_of is None:
             continue
@@ -107,7 +109,12 @@ def rewrite_saved_tensors(
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
-    return extract_program(fw, bw, n_user, program.name)
+    rewritten = extract_program(fw, bw, n_user, program.name)
+    sources = [i for i, parts in enumerate(saved_outputs) for _ in parts]
+    if len(sources) != len(rewritten.saved):
+        raise InternalError(f"{program.name}: {len(rewritten.saved)} saved tensors after the rewrite, expected {len(sources)}")
+    saved = tuple(dataclasses.replace(s, source=src) for s, src in zip(rewritten.saved, sources))
+    return dataclasses.replace(rewritten, saved=saved)
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
@@ -117,13 +124,6 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     graph.output(out)
     graph.output_node().meta = copy.copy(gm.graph.output_node().meta)
     return fx.GraphModule(gm, graph, gm.__class__.__name__), env
-
-
-def _position(gm: fx.GraphModule, node: fx.Node) -> int:
-    for i, n in enumerate(gm.graph.nodes):
-        if n is node:
-            return i
-    raise InternalError(f"{node.format_node()} is not in its graph")
 
 
 def _first_user(graph: fx.Graph, node: fx.Node) -> fx.Node | None:
