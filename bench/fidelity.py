@@ -125,7 +125,7 @@ def train_chars(codec: str, steps: int = 300, batch: int = 32, seq: int = 64) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--codecs", nargs="+", default=["none", "lossless", "int8", "int4", "int2", "fp8"])
+    p.add_argument("--codecs", nargs="+", default=["none", "lossless", "int8", "int4", "int2", "fp8", "blpa8", "blpa4"])
     p.add_argument("--out")
     args = p.parse_args()
     rows = []

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from .capture import CaptureLog, make_backend
-from .config import Backend, CompressConfig
-from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError
+from .config import BLPA_BITS, Backend, CompressConfig
+from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError, UnsupportedError
 from .ir import Report, ReportRow
 
 __all__ = ["compile", "explain", "CompressedModule"]
@@ -47,6 +47,12 @@ def compile(
             f"backend={backend!r} is not accepted; use one of {', '.join(repr(b.value) for b in Backend)}"
         ) from None
     config.check_implemented()
+    if config.codec in BLPA_BITS and backend is Backend.INDUCTOR:
+        raise UnsupportedError(
+            f"codec={config.codec.value!r} needs backend='eager' in this version: Inductor decomposes "
+            f"batch-norm before fxcompress sees the graph, so the BN-aware code has nothing to attach to; "
+            f"use backend='eager', or a per-group codec ('int8', 'int4', 'int2', 'fp8') with Inductor"
+        )
     return CompressedModule(model, config, backend)
 
 
@@ -168,6 +174,9 @@ def explain(cm: CompressedModule) -> Report:
                 # NB: a view shares its base's storage; it never cost bytes of its own.
                 bytes_before, bytes_after = 0, 0
                 codec = f"alias({cap.original.saved[decision.alias_of].name})"
+            elif decision.derived is not None:
+                bytes_before, bytes_after = saved.own_bytes, 0
+                codec = f"{decision.derived.name}({cap.original.saved[decision.derived_from].name})"
             elif decision.codec is None:
                 bytes_before, bytes_after, codec = saved.own_bytes, saved.own_bytes, "none"
             else:

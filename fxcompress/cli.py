@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import api
-from .config import IMPLEMENTED_CODECS, Backend, Codec, CompressConfig
+from .config import BLPA_BITS, IMPLEMENTED_CODECS, Backend, Codec, CompressConfig
 from .errors import FxCompressError
 
 __all__ = ["main", "parse_input", "load_factory"]
@@ -95,6 +95,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models import ResidualCNN, TinyTransformer
 
     codecs = [Codec(c) for c in args.codecs] if args.codecs else sorted(IMPLEMENTED_CODECS, key=list(Codec).index)
+    if args.backend == Backend.INDUCTOR.value and not args.codecs:
+        skipped = [c for c in codecs if c in BLPA_BITS]
+        codecs = [c for c in codecs if c not in BLPA_BITS]
+        _progress(f"skipping {', '.join(c.value for c in skipped)}: BLPA needs --backend eager")
     for factory in (ResidualCNN, TinyTransformer):
         for codec in codecs:
             torch.manual_seed(0)

@@ -61,8 +61,12 @@ class BasePartitioner(str, enum.Enum):
 
 # Codecs and rules that this version implements. The others are accepted
 # names of the public contract and fail with UnsupportedError at compile time.
-IMPLEMENTED_CODECS = frozenset({Codec.NONE, Codec.LOSSLESS, Codec.INT8, Codec.INT4, Codec.INT2, Codec.FP8})
+IMPLEMENTED_CODECS = frozenset(
+    {Codec.NONE, Codec.LOSSLESS, Codec.INT8, Codec.INT4, Codec.INT2, Codec.FP8, Codec.BLPA8, Codec.BLPA4}
+)
 LOSSY_BITS = {Codec.INT8: 8, Codec.INT4: 4, Codec.INT2: 2}
+BLPA_BITS = {Codec.BLPA8: 8, Codec.BLPA4: 4}
+PER_GROUP_CODECS = (Codec.INT8, Codec.INT4, Codec.INT2, Codec.FP8)
 FP8_FORMATS = ("e4m3", "e5m2")
 IMPLEMENTED_RULES = frozenset({LearningRule.BACKPROP})
 
@@ -99,6 +103,10 @@ class CompressConfig:
             codecs (default ``True``); ``False`` rounds to nearest.
             Reproducible under ``torch.manual_seed``.
         fp8_format: ``"e4m3"`` (default, more precision) or ``"e5m2"`` (more range).
+        blpa_fallback: with ``blpa8``/``blpa4``, the per-group codec for saved
+            tensors that do not feed a batch-norm (``"none"``, the paper's
+            choice, keeps them in full precision after the lossless encodings;
+            or ``"int8"``, ``"int4"``, ``"int2"``, ``"fp8"``).
     """
 
     codec: Codec | str = Codec.LOSSLESS
@@ -110,6 +118,7 @@ class CompressConfig:
     group_size: int = 256
     stochastic_rounding: bool = True
     fp8_format: str = "e4m3"
+    blpa_fallback: Codec | str = Codec.NONE
 
     def __post_init__(self) -> None:
         # NB: frozen dataclass, so normalized values go in through object.__setattr__.
@@ -126,6 +135,13 @@ class CompressConfig:
             raise ConfigError(
                 f"min_bytes={self.min_bytes!r} is not accepted; use an int >= 0 (bytes)"
             )
+        fallback = _coerce(Codec, "blpa_fallback", self.blpa_fallback)
+        if fallback is not Codec.NONE and fallback not in PER_GROUP_CODECS:
+            raise ConfigError(
+                f"blpa_fallback={self.blpa_fallback!r} is not accepted; use one of 'none', "
+                + ", ".join(repr(c.value) for c in PER_GROUP_CODECS)
+            )
+        object.__setattr__(self, "blpa_fallback", fallback)
         g = self.group_size
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 8:
             raise ConfigError(f"group_size={g!r} is not accepted; use a positive multiple of 8 (e.g. 256)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -95,12 +95,17 @@ class Decision:
     """What happens to one saved tensor, and why.
 
     ``codec`` is ``None`` when the tensor stays as it is; ``reason`` then
-    says why. ``alias_of`` names the saved index whose storage it shares.
+    says why. ``alias_of`` names the saved index whose storage it shares;
+    ``derived_from`` the saved index whose encoding also yields this tensor
+    (BLPA's ReLU output), in which case nothing of its own is stored.
     """
 
     codec: Codec | None
     reason: str
     alias_of: int | None = None
+    extra_inputs: tuple[fx.Node, ...] = ()  # forward nodes the encoder reads besides the tensor
+    derived_from: int | None = None  # saved index whose encoding this tensor is decoded from
+    derived: Any = None  # the decoder (``decode(*parts of derived_from)``) when derived_from is set
 
 
 @dataclasses.dataclass(frozen=True)

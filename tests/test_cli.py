@@ -42,7 +42,8 @@ def test_explain_a_factory_with_float_and_token_inputs():
         (["explain", "fxcompress.models", "--input", "2x3"], "use MODULE:FACTORY"),
         (["explain", "fxcompress.models:MLP", "--input", "2xabc"], "accepted forms"),
         (["explain", "fxcompress.models:MLP", "--input", "int:2x3"], "accepted forms"),
-        (["explain", "fxcompress.models:MLP", "--input", "16x64", "--codec", "blpa4"], "not implemented"),
+        (["explain", "fxcompress.models:MLP", "--input", "16x64", "--codec", "blpa4", "--backend", "inductor"],
+         "needs backend='eager'"),
     ],
 )
 def test_bad_arguments_fail_cleanly(args, message):

@@ -51,10 +51,9 @@ def test_compile_rejects_bad_backend_and_config():
 
 
 @pytest.mark.parametrize("codec", ["blpa8", "blpa4"])
-def test_contract_codecs_not_yet_implemented_fail_loudly(codec):
-    cfg = CompressConfig(codec=codec)  # a valid name of the public contract
-    with pytest.raises(fxcompress.UnsupportedError, match=f"codec='{codec}'.*implemented: 'none', 'lossless', 'int8'"):
-        fxcompress.compile(nn.Linear(2, 2), cfg)
+def test_blpa_on_inductor_fails_loudly(codec):
+    with pytest.raises(fxcompress.UnsupportedError, match=f"codec='{codec}' needs backend='eager'"):
+        fxcompress.compile(nn.Linear(2, 2), CompressConfig(codec=codec), backend="inductor")
 
 
 @pytest.mark.parametrize("rule", ["ara", "asa"])

@@ -1,7 +1,8 @@
 """Real training with compressed activations ends where exact training ends.
 
 The runs are bench/fidelity.py's (its docstring states data, split and
-schedule): int4 within 2 points of exact digits accuracy and int2 within 3;
+schedule): int4 and blpa4 within 2 points of exact digits accuracy and int2
+within 3;
 int8 and int4 final Shakespeare validation loss within 2% of exact.
 """
 import pathlib
@@ -19,7 +20,7 @@ def digits_exact():
     return train_digits("none")
 
 
-@pytest.mark.parametrize("codec, margin", [("int4", 2.0), ("int2", 3.0), ("lossless", 0.0)])
+@pytest.mark.parametrize("codec, margin", [("int4", 2.0), ("blpa4", 2.0), ("int2", 3.0), ("lossless", 0.0)])
 def test_digits_accuracy_close_to_exact(digits_exact, codec, margin):
     torch._dynamo.reset()
     acc = train_digits(codec)

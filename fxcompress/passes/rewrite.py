@@ -66,14 +66,17 @@ def rewrite_saved_tensors(
         bw.graph.erase_node(ph)
         saved_outputs[saved.index] = []
 
+    parts_phs: dict[int, list[fx.Node]] = {}
     for saved, decision in zip(program.saved, plan.decisions):
         codec = decision.codec
         if codec is None:
             continue
         tag = {"role": "encode", "codec": codec.name, "of": saved.name}
-        src = fw_env[saved.fw_node]
-        with fw.graph.inserting_before(src.next):
-            parts = splice(fw.graph, codec.encode, [src], tag=tag, decompositions=decompositions)
+        reads = [saved.fw_node, *decision.extra_inputs]
+        inputs = [fw_env[n] for n in reads]
+        last = fw_env[max(reads, key=order.__getitem__)]  # right after the last thing it reads
+        with fw.graph.inserting_before(last.next):
+            parts = splice(fw.graph, codec.encode, inputs, tag=tag, decompositions=decompositions)
         for i, part in enumerate(parts):
             part.meta[META_KEY]["part"] = i
             if saved.fw_node.meta.get("saved_tensor_with_no_vc_check"):
@@ -87,20 +90,17 @@ def rewrite_saved_tensors(
                 new = bw.graph.placeholder(f"{ph.name}_enc{i}")
                 new.meta = {"val": part.meta["val"], META_KEY: dict(part.meta[META_KEY])}
                 new_phs.append(new)
-        user = _first_user(bw.graph, ph)
-        if user is not None:
-            with bw.graph.inserting_before(user):
-                (decoded,) = splice(
-                    bw.graph,
-                    codec.decode,
-                    new_phs,
-                    tag={"role": "decode", "codec": codec.name, "of": saved.name},
-                    decompositions=decompositions,
-                    fake_mode=_fake_mode(ph),
-                )
-            _check_same_layout(ph, decoded)
-            ph.replace_all_uses_with(decoded)
-        bw.graph.erase_node(ph)
+        parts_phs[saved.index] = new_phs
+        _decode_into(bw.graph, ph, codec.decode, new_phs, codec.name, saved.name, decompositions)
+
+    for saved, decision in zip(program.saved, plan.decisions):
+        if decision.derived is None:
+            continue
+        ph = placeholders[saved.index]
+        name = decision.derived.name
+        _decode_into(bw.graph, ph, decision.derived.decode, parts_phs[decision.derived_from], name, saved.name,
+                     decompositions)
+        saved_outputs[saved.index] = []
 
     rest = outputs[n_user + len(program.saved):]
     new_saved = [n for parts in saved_outputs for n in parts]
@@ -115,6 +115,22 @@ def rewrite_saved_tensors(
         raise InternalError(f"{program.name}: {len(rewritten.saved)} saved tensors after the rewrite, expected {len(sources)}")
     saved = tuple(dataclasses.replace(s, source=src) for s, src in zip(rewritten.saved, sources))
     return dataclasses.replace(rewritten, saved=saved)
+
+
+def _decode_into(graph, ph, decode, parts, codec_name, of, decompositions) -> None:
+    """Replace placeholder ``ph`` by ``decode(*parts)``, placed right before its first use."""
+    user = _first_user(graph, ph)
+    if user is not None:
+        with graph.inserting_before(user):
+            (decoded,) = splice(
+                graph, decode, parts,
+                tag={"role": "decode", "codec": codec_name, "of": of},
+                decompositions=decompositions,
+                fake_mode=_fake_mode(ph),
+            )
+        _check_same_layout(ph, decoded)
+        ph.replace_all_uses_with(decoded)
+    graph.erase_node(ph)
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:

@@ -7,7 +7,10 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    to the caller: keep -- its owner holds it alive, a copy would add memory.
 3. Reached from another saved tensor through view ops: an alias; the backward
    re-creates the view from that tensor and nothing extra is stored.
-4. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
+4. With ``blpa8``/``blpa4``: the input of a training-mode batch-norm gets
+   the BN-aware :class:`BLPA` code, and a saved ReLU of that batch-norm's
+   output is decoded from the same code (nothing of its own stored).
+4a. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
 5. Not dense in memory (gaps or overlaps): keep.
 6. bool: :class:`BitMask`.
 7. Read only for its shape: :class:`ShapeOnly`.
@@ -15,24 +18,27 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 9. Integer read only as bounded indices: :class:`NarrowInt`.
 10. Read as values by an op that needs them exact (normalization
     statistics, attention internals): keep.
-11. With a lossy codec, a float tensor read as values: quantized
-    (:class:`GroupAffine` or :class:`GroupFP8`); if it is also read through
-    one predicate, that predicate is stored exactly beside it
-    (:class:`MaskedLossy`).
+11. With a per-group lossy codec (or BLPA's ``blpa_fallback``), a float
+    tensor read as values: quantized (:class:`GroupAffine` or
+    :class:`GroupFP8`); if it is also read through one predicate, that
+    predicate is stored exactly beside it (:class:`MaskedLossy`).
 12. Otherwise keep, naming the op that reads the values.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
 
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
+from ..codecs.blpa import BLPA, BLPARelu
 from ..codecs.quant import GroupAffine, GroupFP8, MaskedLossy
 from ..codecs.uses import ExactUse, IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
-from ..config import LOSSY_BITS, CompressConfig
+from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig
 from ..config import Codec as CodecName
-from ..ir import CodecPlan, Decision, Program, SavedTensor
+from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
 
 __all__ = ["plan_codecs"]
 
@@ -40,6 +46,9 @@ __all__ = ["plan_codecs"]
 def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
     """Decide, with a reason, what happens to each saved tensor of ``program``."""
     early = {s.index: _decide_early(s, program, config) for s in program.saved}
+    if config.codec in BLPA_BITS:
+        for index, decision in _blpa_decisions(program, BLPA_BITS[config.codec]).items():
+            early[index] = early[index] or decision
     # NB: the backward reads a tensor through its own placeholder and through
     # those of its aliases (which become views of it), so a codec must serve
     # the uses of all of them.
@@ -106,15 +115,60 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     return Decision(NarrowInt(layout, narrow), f"indices < {min(bounds)}")
 
 
+_BN_TRAINING_OPS = {
+    # op -> position of its ``training`` argument
+    torch.ops.aten._native_batch_norm_legit_functional.default: 5,
+    torch.ops.aten._native_batch_norm_legit.default: 5,
+    torch.ops.aten.native_batch_norm.default: 5,
+}
+
+
+def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
+    """BLPA codes for saved batch-norm inputs, and the saved ReLUs decoded from them."""
+    by_node = {s.fw_node: s for s in program.saved}
+    out: dict[int, Decision] = {}
+    for saved in program.saved:
+        bn = next(
+            (u for u in saved.fw_node.users
+             if u.target in _BN_TRAINING_OPS and u.args[0] is saved.fw_node and u.args[_BN_TRAINING_OPS[u.target]] is True),
+            None,
+        )
+        if bn is None or saved.is_graph_input or not saved.dtype.is_floating_point or len(saved.shape) < 2:
+            continue
+        results = {u.args[1]: u for u in bn.users if u.target is operator.getitem}
+        gamma, beta = bn.args[1], bn.args[2]
+        layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
+        if not ({0, 1, 2} <= results.keys() and isinstance(gamma, fx.Node) and isinstance(beta, fx.Node)
+                and layout.is_dense()):
+            continue
+        codec = BLPA(layout, bits)
+        out[saved.index] = Decision(
+            codec,
+            f"input of {target_name(bn)}: BN-aware {bits}-bit code",
+            extra_inputs=(results[0], gamma, beta, results[1], results[2]),
+        )
+        for user in results[0].users:
+            relu = by_node.get(user)
+            if user.target is torch.ops.aten.relu.default and relu is not None and not relu.is_forward_output:
+                out[relu.index] = Decision(
+                    None, f"ReLU of the batch-norm output, decoded from {saved.name}'s code",
+                    derived_from=saved.index, derived=BLPARelu(codec, relu.dtype),
+                )
+    return out
+
+
 def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: CompressConfig) -> Decision:
-    if config.codec not in LOSSY_BITS and config.codec is not CodecName.FP8:
-        return Decision(None, f"values read by {ops}; no lossless encoding applies")
+    codec = config.blpa_fallback if config.codec in BLPA_BITS else config.codec
+    if codec not in PER_GROUP_CODECS:
+        why = "batch-norm-free tensors stay exact under BLPA (blpa_fallback='none')" if config.codec in BLPA_BITS \
+            else "no lossless encoding applies"
+        return Decision(None, f"values read by {ops}; {why}")
     if not saved.dtype.is_floating_point or saved.dtype.itemsize < 2:
         return Decision(None, f"values read by {ops}; {saved.dtype} is not quantized")
-    if config.codec is CodecName.FP8:
+    if codec is CodecName.FP8:
         inner = GroupFP8(layout, config.fp8_format, config.group_size)
     else:
-        inner = GroupAffine(layout, LOSSY_BITS[config.codec], config.group_size, config.stochastic_rounding)
+        inner = GroupAffine(layout, LOSSY_BITS[codec], config.group_size, config.stochastic_rounding)
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
     if len(predicates) == 1:
         (predicate,) = predicates

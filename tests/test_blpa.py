@@ -1,0 +1,92 @@
+"""BLPA's BN-aware codes: exact ReLU masks (any gamma sign, saturation), bounded xhat error, end to end."""
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.codecs import Layout
+from fxcompress.codecs.blpa import BLPA, BLPARelu
+from conftest import compressed, make_model, train_step
+from test_lossless import _stored_bytes
+from test_quant import _no_dropout
+
+
+def _bn_case(channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = 4, 12, 5, 5
+    x = torch.randn(n, c, h, w, generator=g) * torch.linspace(0.1, 10, c).view(1, c, 1, 1) + 3.0
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    # gamma: positive, negative and zero; beta/|gamma| inside and far beyond the window
+    gamma = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, 1e-3, -1e-3, 1.0, -2.0, 0.3, 1.0])
+    beta = torch.tensor([0.0, 0.0, 1.0, 1.0, -3.0, 0.7, 0.1, -0.1, 50.0, -50.0, -0.2, 2.9])
+    mean = x.mean(dim=(0, 2, 3))
+    invstd = torch.rsqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5)
+    xhat = (x - mean.view(1, c, 1, 1)) * invstd.view(1, c, 1, 1)
+    y = gamma.view(1, c, 1, 1) * xhat + beta.view(1, c, 1, 1)
+    return x, y, gamma, beta, mean, invstd, xhat
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_mask_from_code_is_exact(bits, channels_last):
+    x, y, gamma, beta, mean, invstd, xhat = _bn_case(channels_last)
+    codec = BLPA(Layout.of(x), bits)
+    parts = codec.encode(x, y, gamma, beta, mean, invstd)
+    assert sum(p.nbytes for p in parts) == codec.nbytes()
+    relu = BLPARelu(codec, x.dtype).decode(*parts)
+    assert torch.equal(relu > 0, y > 0)  # the mask, including saturated and gamma <= 0 channels
+    assert (relu >= 0).all()
+    assert codec.decode(*parts).stride() == x.stride()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_xhat_error_within_half_a_bin_inside_the_window(bits):
+    x, y, gamma, beta, mean, invstd, xhat = _bn_case()
+    codec = BLPA(Layout.of(x), bits)
+    packed, a, b, shift, gw = parts = codec.encode(x, y, gamma, beta, mean, invstd)
+    xq = codec.decode(*parts)
+    xhat_q = (xq - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    width = 6 / 2**bits
+    # the window is six standard deviations wide: compare where the code did not
+    # saturate (and gamma is not clamped to ~0)
+    q = torch.round((xq - b.view(1, -1, 1, 1)) / a.view(1, -1, 1, 1))
+    inside = (q > 0) & (q < 2**bits - 1) & (gamma.abs() > 0.1).view(1, -1, 1, 1)
+    assert inside.float().mean() > 0.5
+    err = (xhat_q - xhat).abs()[inside]
+    assert (err <= width / 2 + 1e-4).all(), float(err.max())
+
+
+@pytest.mark.parametrize("codec, threshold", [("blpa8", 0.999), ("blpa4", 0.99)])
+def test_blpa_end_to_end_on_convnets(codec, threshold):
+    for name in ("convnet", "resnet"):
+        torch._dynamo.reset()
+        model, x = make_model(name)
+        _no_dropout(model)
+        exact = train_step(model, x, compressed("none"))
+        torch._dynamo.reset()
+        got = train_step(model, x, compressed(codec))
+        weights = [n for n, p in model.named_parameters() if p.dim() > 1]
+        cos = torch.nn.functional.cosine_similarity(
+            torch.cat([got.grads[n].flatten() for n in weights]),
+            torch.cat([exact.grads[n].flatten() for n in weights]), dim=0)
+        assert float(cos) >= threshold, f"{name} {codec}: {float(cos):.5f}"
+        report = fxcompress.explain(got.module)
+        codecs = {r.codec.split("(")[0] for r in report.rows}
+        assert codec in codecs and f"{codec}:relu" in codecs, codecs
+        assert _stored_bytes(got.module, model, x) == report.saved_bytes_after
+        assert report.saved_bytes_after < report.saved_bytes_before / 2
+
+
+def test_blpa_fallback_quantizes_what_the_paper_keeps():
+    model, x = make_model("resnet")
+    plain = train_step(model, x, compressed("blpa4"))
+    torch._dynamo.reset()
+    fallback = train_step(model, x, compressed("blpa4", blpa_fallback="int4"))
+    kept = [r for r in fxcompress.explain(plain.module).rows if "blpa_fallback='none'" in r.reason]
+    assert kept, "the residual network has BN-free saved tensors"
+    assert fxcompress.explain(fallback.module).saved_bytes_after < fxcompress.explain(plain.module).saved_bytes_after
+
+
+def test_blpa_fallback_must_be_a_per_group_codec():
+    with pytest.raises(fxcompress.ConfigError, match="blpa_fallback='blpa4'.*'int8'"):
+        fxcompress.CompressConfig(codec="blpa4", blpa_fallback="blpa4")
