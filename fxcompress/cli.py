@@ -24,6 +24,7 @@ import torch.nn as nn
 from . import api
 from .config import BLPA_BITS, IMPLEMENTED_CODECS, Backend, Codec, CompressConfig
 from .errors import FxCompressError
+from .visualize.report import format_bytes
 
 __all__ = ["main", "parse_input", "load_factory"]
 
@@ -78,7 +79,8 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
     return out.float().pow(2).mean()
 
 
-def _train(cm: nn.Module, inputs: Sequence[torch.Tensor], steps: int, label: str) -> None:
+def _train(cm: nn.Module, inputs: Sequence[torch.Tensor], steps: int, label: str) -> float:
+    """``steps`` SGD steps on a fixed batch; returns the last loss."""
     opt = torch.optim.SGD(cm.parameters(), lr=0.01)
     cm.train()
     for step in range(steps):
@@ -89,6 +91,7 @@ def _train(cm: nn.Module, inputs: Sequence[torch.Tensor], steps: int, label: str
         opt.step()
         what = "compile + step" if step == 0 else "step"
         _progress(f"{label}: {what} {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.1f}s)")
+    return loss.item()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -99,16 +102,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         skipped = [c for c in codecs if c in BLPA_BITS]
         codecs = [c for c in codecs if c not in BLPA_BITS]
         _progress(f"skipping {', '.join(c.value for c in skipped)}: BLPA needs --backend eager")
+    shown = Codec(args.report) if args.report else codecs[-1]
     for factory in (ResidualCNN, TinyTransformer):
+        summary, details = [], None
         for codec in codecs:
+            torch._dynamo.reset()  # each config compiles afresh; keeps Dynamo's recompile limit away
             torch.manual_seed(0)
             model = factory()
             x = model.example_input()
             cm = api.compile(model, CompressConfig(codec=codec), backend=args.backend)
-            _train(cm, [x], args.steps, f"{factory.__name__} codec={codec.value}")
+            loss = _train(cm, [x], args.steps, f"{factory.__name__} codec={codec.value}")
             report = api.explain(cm)
-            print(f"\n### {factory.__name__}, codec={codec.value}, backend={args.backend}")
-            print(report)
+            summary.append((codec.value, report.saved_bytes_before, report.saved_bytes_after, loss))
+            if codec is shown:
+                details = report
+        print(f"\n### {factory.__name__}, backend={args.backend}, {args.steps} steps")
+        print(f"{'codec':<10} {'saved before':>14} {'saved after':>14} {'smaller':>8} {'last loss':>10}")
+        for name, before, after, loss in summary:
+            ratio = f"{before / after:.2f}x" if after else "all"
+            print(f"{name:<10} {format_bytes(before):>14} {format_bytes(after):>14} {ratio:>8} {loss:>10.4f}")
+        if details is not None:
+            print(f"\nper saved tensor, codec={shown.value}:")
+            print(details)
     return 0
 
 
@@ -140,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", choices=backends, default="eager")
     d.add_argument("--steps", type=int, default=3)
     d.add_argument("--codecs", nargs="*", choices=codec_names, help="default: every implemented codec")
+    d.add_argument("--report", choices=codec_names, help="codec whose full report is printed (default: the last)")
     d.set_defaults(run=cmd_demo)
 
     e = sub.add_parser("explain", help="capture one training step of MODULE:FACTORY and print the report")

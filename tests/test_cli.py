@@ -15,13 +15,15 @@ def run(*args, timeout=600):
 
 
 def test_demo_runs_end_to_end():
-    out = run("demo", "--steps", "2")
+    out = run("demo", "--steps", "2", "--report", "int4")
     assert out.returncode == 0, out.stderr[-3000:]
     codecs = sorted(c.value for c in IMPLEMENTED_CODECS)
     for model in ("ResidualCNN", "TinyTransformer"):
+        table = out.stdout.split(f"### {model}")[1].split("per saved tensor")[0]
         for codec in codecs:
-            assert f"### {model}, codec={codec}" in out.stdout
-    assert out.stdout.count("saved for backward:") == 2 * len(codecs)
+            assert f"\n{codec} " in table, f"{model}: no summary row for {codec}"
+    assert out.stdout.count("per saved tensor, codec=int4:") == 2
+    assert out.stdout.count("saved for backward:") == 2
     assert "compile + step 1/2" in out.stderr  # progress is shown
 
 
