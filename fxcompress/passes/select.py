@@ -10,19 +10,19 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 4. With ``blpa8``/``blpa4``: the input of a training-mode batch-norm gets
    the BN-aware :class:`BLPA` code, and a saved ReLU of that batch-norm's
    output is decoded from the same code (nothing of its own stored).
-4a. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
-5. Not dense in memory (gaps or overlaps): keep.
-6. bool: :class:`BitMask`.
-7. Read only for its shape: :class:`ShapeOnly`.
-8. Read only through one predicate (and shapes): :class:`PredicateMask`.
-9. Integer read only as bounded indices: :class:`NarrowInt`.
-10. Read as values by an op that needs them exact (normalization
-    statistics, attention internals): keep.
-11. With a per-group lossy codec (or BLPA's ``blpa_fallback``), a float
-    tensor read as values: quantized (:class:`GroupAffine` or
-    :class:`GroupFP8`); if it is also read through one predicate, that
-    predicate is stored exactly beside it (:class:`MaskedLossy`).
-12. Otherwise keep, naming the op that reads the values.
+5. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
+6. Not dense in memory (gaps or overlaps): keep.
+7. bool: :class:`BitMask`.
+8. Read as values by an op that needs them exact (normalization
+   statistics, attention internals): keep.
+9. Read as values otherwise: with a per-group lossy codec (or BLPA's
+   ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
+   :class:`GroupFP8`), and if it is also read through one predicate, that
+   predicate is stored exactly beside it (:class:`MaskedLossy`); without
+   one, keep, naming the op that reads the values.
+10. Read only for its shape: :class:`ShapeOnly`.
+11. Read only through one predicate (and shapes): :class:`PredicateMask`.
+12. Integer read only as bounded indices: :class:`NarrowInt`.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
 
 
 def _decide_early(saved: SavedTensor, program: Program, config: CompressConfig) -> Decision | None:
-    """Rules 1-3, which do not look at the backward's uses."""
+    """Rules 1-3, which do not look at the backward's uses (rule 4 is ``_blpa_decisions``)."""
     if config.codec is CodecName.NONE:
         return Decision(None, "codec='none'")
     if saved.is_graph_input:
