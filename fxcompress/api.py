@@ -15,6 +15,7 @@ from .capture import CaptureLog, make_backend
 from .config import BLPA_BITS, Backend, CompressConfig
 from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError, UnsupportedError
 from .ir import Report, ReportRow
+from .passes.liveness import analyze_liveness
 
 __all__ = ["compile", "explain", "CompressedModule"]
 
@@ -200,4 +201,21 @@ def explain(cm: CompressedModule) -> Report:
     notes = []
     if len(captures) > 1:
         notes.append(f"{len(captures)} captured graphs (graph breaks split the model); totals sum them")
-    return Report(config=cm.config.describe(), rows=tuple(rows), notes=tuple(notes))
+        notes.append("predicted peak with several graphs: all their saved tensors plus the largest transient")
+    before = [analyze_liveness(cap.original) for cap in captures]
+    after = [analyze_liveness(cap.rewritten) for cap in captures]
+    return Report(
+        config=cm.config.describe(),
+        rows=tuple(rows),
+        notes=tuple(notes),
+        predicted_peak_bytes_before=_step_peak(before),
+        predicted_peak_bytes_after=_step_peak(after),
+    )
+
+
+def _step_peak(parts: list) -> int:
+    """One graph: its liveness peak. Several: every graph's saved bytes stay live while the
+    largest transient (peak minus saved) of any one of them happens."""
+    if len(parts) == 1:
+        return parts[0].peak_bytes
+    return sum(p.saved_bytes for p in parts) + max(p.peak_bytes - p.saved_bytes for p in parts)

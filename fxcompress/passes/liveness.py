@@ -1,0 +1,130 @@
+"""Liveness over one training step: ``analyze_liveness(program) -> Liveness``.
+
+One timeline: the forward's nodes, then the backward's. Every tensor a node
+produces gets a :class:`LiveRange` from its producer to its last use; a
+saved tensor spans from its forward producer to its last backward use (its
+backward placeholder's last use); views and ``getitem`` results alias the
+storage of their base, which lives as long as any alias does; each output of
+a multi-output op is its own allocation, held by its ``getitem`` (outputs
+nothing reads are not counted). Bytes come from ``meta["val"]``.
+
+    >>> live = analyze_liveness(program)
+    >>> live.peak_bytes, live.order[live.peak_step]
+
+Graph inputs of the forward (parameters, buffers, the batch) are owned by
+the caller and not counted; the backward's results (gradients) live to the
+end of the step. Within one graph, :attr:`Liveness.last_use` is the node
+after which FX's own generated code drops a value (``x = None``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ..codecs.uses import VIEW_OPS
+from ..ir import Program, tensor_nbytes
+
+__all__ = ["LiveRange", "Liveness", "analyze_liveness"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveRange:
+    """A storage live on steps ``start..end`` (inclusive) of the step's timeline.
+
+    Invariant: ``0 <= start <= end < len(Liveness.order)``; ``node`` is the
+    node that allocated the storage (a view's range is its base's).
+    """
+
+    node: fx.Node
+    start: int
+    end: int
+    nbytes: int
+    saved: bool  # crosses from the forward into the backward
+
+
+@dataclasses.dataclass(frozen=True)
+class Liveness:
+    order: tuple[fx.Node, ...]  # forward nodes, then backward nodes
+    num_forward: int
+    ranges: tuple[LiveRange, ...]
+    last_use: dict[fx.Node, fx.Node]  # per graph: the node after which FX drops the value
+    live_bytes: tuple[int, ...]  # bytes live at each step of ``order``
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.live_bytes, default=0)
+
+    @property
+    def peak_step(self) -> int:
+        return max(range(len(self.live_bytes)), key=self.live_bytes.__getitem__, default=0)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(r.nbytes for r in self.ranges if r.saved)
+
+
+def analyze_liveness(program: Program) -> Liveness:
+    fw_nodes = [n for n in program.fw.graph.nodes if n.op != "output"]
+    bw_nodes = [n for n in program.bw.graph.nodes if n.op != "output"]
+    order = tuple(fw_nodes + bw_nodes)
+    step = {n: i for i, n in enumerate(order)}
+    end_of_step = len(order) - 1
+
+    last_use = {**_last_uses(program.fw.graph), **_last_uses(program.bw.graph)}
+    # name-level end of each node's value, within its own graph
+    name_end = {n: step[last_use[n]] if n in last_use else step[n] for n in order}
+    for saved in program.saved:  # a saved value lives on in the backward
+        name_end[saved.fw_node] = max(name_end[saved.fw_node], name_end[saved.bw_placeholder])
+    for node in _output_values(program.bw.graph):  # gradients outlive the step's last op
+        name_end[node] = end_of_step
+    for node in _output_values(program.fw.graph):  # user outputs: held until the backward ran
+        name_end[node] = max(name_end[node], len(fw_nodes))
+
+    # storage level: a base lives as long as any alias of it
+    storage_end: dict[fx.Node, int] = {}
+    for node in order:
+        base = _base(node)
+        storage_end[base] = max(storage_end.get(base, step[base]), name_end[node])
+
+    saved_bases = {_base(s.fw_node) for s in program.saved}
+    ranges = []
+    for base, end in storage_end.items():
+        if base.op == "placeholder" and base.graph is program.fw.graph:
+            continue  # owned by the caller
+        if base.op == "placeholder" and base in {s.bw_placeholder for s in program.saved}:
+            continue  # counted through its forward producer
+        ranges.append(LiveRange(base, step[base], end, _bytes(base), base in saved_bases))
+    live = [0] * len(order)
+    for r in ranges:
+        for i in range(r.start, r.end + 1):
+            live[i] += r.nbytes
+    return Liveness(order, len(fw_nodes), tuple(ranges), last_use, tuple(live))
+
+
+def _base(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return tensor_nbytes(val) if isinstance(val, torch.Tensor) else 0  # a tuple's parts count at their getitem
+
+
+def _output_values(graph: fx.Graph) -> list[fx.Node]:
+    out = graph.output_node().args[0]
+    return [n for n in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(n, fx.Node)]
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """For each value, the last node of ``graph`` that reads it (outputs excluded)."""
+    last: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        for used in node.all_input_nodes:
+            last[used] = node
+    return last
