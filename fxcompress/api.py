@@ -15,6 +15,7 @@ from .capture import CaptureLog, make_backend
 from .config import BLPA_BITS, Backend, CompressConfig
 from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError, UnsupportedError
 from .ir import Report, ReportRow
+from .passes.buffers import plan_buffers
 from .passes.liveness import analyze_liveness
 
 __all__ = ["compile", "explain", "CompressedModule"]
@@ -204,12 +205,16 @@ def explain(cm: CompressedModule) -> Report:
         notes.append("predicted peak with several graphs: all their saved tensors plus the largest transient")
     before = [analyze_liveness(cap.original) for cap in captures]
     after = [analyze_liveness(cap.rewritten) for cap in captures]
+    plans = [plan_buffers(live) for live in after]
     return Report(
         config=cm.config.describe(),
         rows=tuple(rows),
         notes=tuple(notes),
         predicted_peak_bytes_before=_step_peak(before),
         predicted_peak_bytes_after=_step_peak(after),
+        forward_buffers=sum(len(p.buffers) for p in plans),
+        forward_arena_bytes=sum(p.arena_bytes for p in plans),
+        forward_naive_bytes=sum(p.naive_bytes for p in plans),
     )
 
 

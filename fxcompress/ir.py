@@ -142,6 +142,9 @@ class Report:
     notes: tuple[str, ...] = ()
     predicted_peak_bytes_before: int | None = None
     predicted_peak_bytes_after: int | None = None
+    forward_buffers: int | None = None  # shared buffers for the rewritten forward's transients
+    forward_arena_bytes: int | None = None  # their total size
+    forward_naive_bytes: int | None = None  # one allocation per transient instead
 
     @property
     def saved_bytes_before(self) -> int:

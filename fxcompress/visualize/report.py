@@ -54,5 +54,10 @@ def format_report(report: "Report") -> str:
             f"predicted step peak: {format_bytes(report.predicted_peak_bytes_before)} -> "
             f"{format_bytes(report.predicted_peak_bytes_after)}"
         )
+    if report.forward_buffers is not None:
+        out.append(
+            f"forward transients: {format_bytes(report.forward_naive_bytes)} as separate tensors, "
+            f"{format_bytes(report.forward_arena_bytes)} in {report.forward_buffers} shared buffers"
+        )
     out += [f"note: {n}" for n in report.notes]
     return "\n".join(out)
