@@ -1,4 +1,4 @@
-"""Command line: ``fxcompress demo`` and ``fxcompress explain MODULE:FACTORY --input SHAPE``.
+"""Command line: ``fxcompress demo``, ``fxcompress explain`` and ``fxcompress visualize``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     fxcompress demo --backend inductor --steps 5
     fxcompress explain fxcompress.models:ConvNet --input 8x3x16x16 --codec lossless
     fxcompress explain fxcompress.models:TinyTransformer --input int:4x32:96
+    fxcompress visualize fxcompress.models:ResidualCNN --input 8x3x32x32 --codec int4 -o step.svg
 
 Input shapes: ``AxBxC`` is a float tensor of that shape (standard normal);
 ``int:AxB:N`` is an int64 tensor of token ids drawn from ``[0, N)``.
@@ -127,7 +128,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def _capture(args: argparse.Namespace):
+    """Build MODULE:FACTORY, compile it, run one training step on random inputs."""
     factory = load_factory(args.model)
     inputs = [parse_input(s) for s in args.input]
     _progress(f"building {args.model}")
@@ -141,7 +143,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out = cm(*inputs)
     _loss(out if isinstance(out, torch.Tensor) else out[0]).backward()
     _progress(f"captured in {time.perf_counter() - t0:.1f}s")
-    print(api.explain(cm))
+    return cm
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    print(api.explain(_capture(args)))
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .visualize.timeline import output_format, timeline
+
+    output_format(args.output)  # a bad path fails before the slow capture
+    cm = _capture(args)
+    _progress(f"drawing {args.output}")
+    written = timeline(cm, args.output, max_lanes=args.max_lanes)
+    print(written)
     return 0
 
 
@@ -159,12 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(run=cmd_demo)
 
     e = sub.add_parser("explain", help="capture one training step of MODULE:FACTORY and print the report")
-    e.add_argument("model", help="importable factory, e.g. torchvision.models:resnet18")
-    e.add_argument("--input", action="append", required=True, help="8x3x224x224 or int:8x1024:50257 (repeatable)")
-    e.add_argument("--codec", choices=codec_names, default="lossless")
-    e.add_argument("--backend", choices=backends, default="eager")
+    _model_args(e)
     e.set_defaults(run=cmd_explain)
+
+    v = sub.add_parser("visualize", help="capture one training step of MODULE:FACTORY and draw its memory timeline")
+    _model_args(v)
+    v.add_argument("-o", "--output", required=True, help="out.svg, out.png, out.pdf or out.dot")
+    v.add_argument("--max-lanes", type=int, default=40, help="group saved tensors by module beyond this many lanes")
+    v.set_defaults(run=cmd_visualize)
     return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    codec_names = [c.value for c in Codec]
+    p.add_argument("model", help="importable factory, e.g. torchvision.models:resnet18")
+    p.add_argument("--input", action="append", required=True, help="8x3x224x224 or int:8x1024:50257 (repeatable)")
+    p.add_argument("--codec", choices=codec_names, default="lossless")
+    p.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

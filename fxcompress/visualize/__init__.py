@@ -1,4 +1,5 @@
-"""Human-readable views of what fxcompress planned: report tables (and, later, diagrams)."""
+"""Human-readable views of what fxcompress planned: report tables and the memory timeline."""
 from .report import format_bytes, format_report
+from .timeline import timeline, timeline_dot
 
-__all__ = ["format_bytes", "format_report"]
+__all__ = ["format_bytes", "format_report", "timeline", "timeline_dot"]
