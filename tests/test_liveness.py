@@ -56,9 +56,12 @@ def test_saved_ranges_match_the_report_and_respect_their_invariant(name):
     assert report.predicted_peak_bytes_after == live.peak_bytes
 
 
-@pytest.mark.parametrize("name", ["convnet", "resnet", "transformer"])
+@pytest.mark.parametrize("name", ZOO_NAMES)
 def test_predicted_peak_falls_with_int4(name):
     model, x = make_model(name)
+    if name == "mlp":
+        # at batch 16 the MLP's step peak is its weight gradients, which no codec touches
+        x = model.example_input(512)
     report = fxcompress.explain(train_step(model, x, compressed("int4")).module)
     assert report.predicted_peak_bytes_after < report.predicted_peak_bytes_before
     assert "predicted step peak:" in str(report)
