@@ -172,19 +172,16 @@ def explain(cm: CompressedModule) -> Report:
         for s in cap.rewritten.saved:
             encoded_bytes[s.source] = encoded_bytes.get(s.source, 0) + s.nbytes
         for saved, decision in zip(cap.original.saved, cap.plan.decisions):
+            codec = codec_label(cap, saved.index)
             if decision.alias_of is not None:
                 # NB: a view shares its base's storage; it never cost bytes of its own.
                 bytes_before, bytes_after = 0, 0
-                codec = f"alias({cap.original.saved[decision.alias_of].name})"
             elif decision.derived is not None:
                 bytes_before, bytes_after = saved.own_bytes, 0
-                codec = f"{decision.derived.name}({cap.original.saved[decision.derived_from].name})"
             elif decision.codec is None:
-                bytes_before, bytes_after, codec = saved.own_bytes, saved.own_bytes, "none"
+                bytes_before, bytes_after = saved.own_bytes, saved.own_bytes
             else:
-                bytes_before = saved.own_bytes
-                bytes_after = encoded_bytes.get(saved.index, 0)
-                codec = decision.codec.name
+                bytes_before, bytes_after = saved.own_bytes, encoded_bytes.get(saved.index, 0)
             rows.append(
                 ReportRow(
                     program=cap.original.name,
@@ -216,6 +213,16 @@ def explain(cm: CompressedModule) -> Report:
         forward_arena_bytes=sum(p.arena_bytes for p in plans),
         forward_naive_bytes=sum(p.naive_bytes for p in plans),
     )
+
+
+def codec_label(cap, index: int) -> str:
+    """How saved tensor ``index`` of a capture is stored: ``int4``, ``alias(relu)``, ``none``, ..."""
+    decision, saved = cap.plan.decisions[index], cap.original.saved
+    if decision.alias_of is not None:
+        return f"alias({saved[decision.alias_of].name})"
+    if decision.derived is not None:
+        return f"{decision.derived.name}({saved[decision.derived_from].name})"
+    return "none" if decision.codec is None else decision.codec.name
 
 
 def _step_peak(parts: list) -> int:

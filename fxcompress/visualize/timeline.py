@@ -61,7 +61,6 @@ def timeline_dot(cm: "CompressedModule", *, max_lanes: int = 40, buckets: int = 
     if not captures:
         raise NotCapturedError("nothing captured yet: run one training-mode forward first, then draw the timeline")
     report = explain(cm)
-    codec_of = {(r.program, r.name): r.codec for r in report.rows}
     lines = [
         "digraph fxcompress_timeline {",
         '  graph [rankdir=TB, fontname="Helvetica", labelloc=t, '
@@ -72,7 +71,7 @@ def timeline_dot(cm: "CompressedModule", *, max_lanes: int = 40, buckets: int = 
     for k, cap in enumerate(captures):
         for which, program in (("before", cap.original), ("after", cap.rewritten)):
             live = analyze_liveness(program)
-            lanes = _saved_lanes(program, live, which, codec_of, cap.original)
+            lanes = _saved_lanes(cap, program, live, which)
             lanes = _group(lanes, max_lanes)
             lanes += _buffer_lanes(live)
             name = f"{which}_{k}"
@@ -128,14 +127,16 @@ def _module_path(node) -> str:
     return key.replace("L['self'].", "").replace("L['self']", "")
 
 
-def _saved_lanes(program, live: Liveness, which: str, codec_of: dict, original) -> list[_Lane]:
+def _saved_lanes(cap, program, live: Liveness, which: str) -> list[_Lane]:
+    from ..api import codec_label  # NB: api imports the passes this module builds on
+
     span_of = {r.node: (r.start, r.end) for r in live.ranges if r.saved}
     lanes: dict[str, _Lane] = {}
     for s in program.saved:
         if s.is_graph_input or s.fw_node not in span_of:
             continue
-        src = original.saved[s.source] if s.source is not None else s
-        codec = "none" if which == "before" else codec_of.get((original.name, src.name), "none")
+        src = cap.original.saved[s.source] if s.source is not None else s
+        codec = "none" if which == "before" else codec_label(cap, src.index)
         module = _module_path(src.fw_node)
         label = f"{module}  {src.name}" if module else src.name
         lane = lanes.setdefault(label, _Lane(label, _family(codec), 0, [], module))
