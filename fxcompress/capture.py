@@ -30,7 +30,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .codecs.uses import VIEW_OPS, terminal_users
+from .codecs.uses import VIEW_OPS, terminal_users, view_root
 from .config import Backend, BasePartitioner, CompressConfig
 from .errors import InternalError
 from .ir import CodecPlan, Program, SavedTensor, tensor_nbytes
@@ -78,7 +78,7 @@ def extract_program(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
                 device=val.device,
                 nbytes=tensor_nbytes(val),
                 consumers=tuple(terminal_users(ph)),
-                is_graph_input=_root(node) in fw_inputs,
+                is_graph_input=view_root(node) in fw_inputs,
                 is_forward_output=node in user_outputs,
                 view_of=_view_base(node, index_of),
             )
@@ -88,12 +88,6 @@ def extract_program(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
 
 def _is_sym(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int))
-
-
-def _root(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in VIEW_OPS:
-        node = node.args[0]
-    return node
 
 
 def _view_base(node: fx.Node, index_of: dict[fx.Node, int]) -> int | None:

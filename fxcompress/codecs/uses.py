@@ -36,6 +36,7 @@ __all__ = [
     "ValuesUse",
     "Use",
     "VIEW_OPS",
+    "view_root",
     "uses_of",
     "terminal_users",
 ]
@@ -313,6 +314,13 @@ _EXACT_ARGS = {
 for _op, _slots in _EXACT_ARGS.items():
     for _slot in _slots:
         _ARG_USES.setdefault((_op, _slot), _exact)
+
+
+def view_root(node: fx.Node) -> fx.Node:
+    """The node whose storage ``node`` views (``node`` itself if it is no view)."""
+    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def terminal_users(node: fx.Node) -> list[fx.Node]:

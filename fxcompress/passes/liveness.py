@@ -23,7 +23,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from ..codecs.uses import VIEW_OPS
+from ..codecs.uses import view_root
 from ..ir import Program, tensor_nbytes
 
 __all__ = ["LiveRange", "Liveness", "analyze_liveness"]
@@ -85,10 +85,10 @@ def analyze_liveness(program: Program) -> Liveness:
     # storage level: a base lives as long as any alias of it
     storage_end: dict[fx.Node, int] = {}
     for node in order:
-        base = _base(node)
+        base = view_root(node)
         storage_end[base] = max(storage_end.get(base, step[base]), name_end[node])
 
-    saved_bases = {_base(s.fw_node) for s in program.saved}
+    saved_bases = {view_root(s.fw_node) for s in program.saved}
     ranges = []
     for base, end in storage_end.items():
         if base.op == "placeholder" and base.graph is program.fw.graph:
@@ -101,12 +101,6 @@ def analyze_liveness(program: Program) -> Liveness:
         for i in range(r.start, r.end + 1):
             live[i] += r.nbytes
     return Liveness(order, len(fw_nodes), tuple(ranges), last_use, tuple(live))
-
-
-def _base(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _bytes(node: fx.Node) -> int:

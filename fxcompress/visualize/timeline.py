@@ -55,16 +55,13 @@ class _Lane:
 
 def timeline_dot(cm: "CompressedModule", *, max_lanes: int = 40, buckets: int = 48) -> str:
     """The DOT text of :func:`timeline`."""
-    from ..api import explain
-
     captures = cm.capture_log.captures()
     if not captures:
         raise NotCapturedError("nothing captured yet: run one training-mode forward first, then draw the timeline")
-    report = explain(cm)
     lines = [
         "digraph fxcompress_timeline {",
         '  graph [rankdir=TB, fontname="Helvetica", labelloc=t, '
-        f'label="fxcompress memory timeline  {html.escape(report.config)}"];',
+        f'label="fxcompress memory timeline  {html.escape(cm.config.describe())}"];',
         '  node [shape=plaintext, fontname="Helvetica"];',
     ]
     previous = None
