@@ -50,6 +50,7 @@ class SavedTensor:
     consumers: tuple[fx.Node, ...]  # backward nodes that read it, through detach/views
     is_graph_input: bool  # a parameter, buffer or user input: its owner keeps it alive
     is_forward_output: bool  # also returned to the caller, who may keep it alive
+    from_parameters: bool = False  # computed from parameters/buffers alone (autocast's weight copy)
     view_of: int | None = None  # index of the saved tensor whose storage this one views
     source: int | None = None  # in a rewritten Program: index of the original tensor this encodes
 
@@ -88,6 +89,7 @@ class Program:
     bw: fx.GraphModule
     num_fwd_outputs: int
     saved: tuple[SavedTensor, ...]
+    parameters: frozenset[str] = frozenset()  # forward placeholders that hold parameters/buffers
 
 
 @dataclasses.dataclass(frozen=True)

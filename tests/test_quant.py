@@ -183,3 +183,23 @@ def test_statistics_and_attention_internals_stay_exact():
     for r in stats + attention:
         assert r.codec == "none" and "needs exact values" in r.reason, r
     assert any(r.codec.startswith("int4") for r in rows)
+
+
+@pytest.mark.parametrize("name", ["convnet", "transformer"])
+def test_autocast_weight_copies_stay_exact(name):
+    """Under autocast the forward saves a bf16 copy of each weight; input gradients read
+    it, so quantizing it would put its error into every earlier layer's gradient."""
+    model, x = make_model(name)
+    _no_dropout(model)
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="int4"), backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cm(x)
+    out.float().pow(2).mean().backward()
+    rows = [r for r in fxcompress.explain(cm).rows if r.counted]
+    weight_shapes = {tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
+    copies = [r for r in rows if "computed from parameters" in r.reason]
+    assert len(copies) >= 2
+    for r in copies:  # each a (possibly transposed) bf16 weight, kept as it is
+        assert r.codec == "none" and r.dtype == "bfloat16", r
+        assert r.shape in weight_shapes or r.shape[::-1] in weight_shapes, r
+    assert any(r.codec.startswith("int4") for r in rows)  # activations still quantized

@@ -109,7 +109,7 @@ def rewrite_saved_tensors(
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
-    rewritten = extract_program(fw, bw, n_user, program.name)
+    rewritten = extract_program(fw, bw, n_user, program.name, program.parameters)
     sources = [i for i, parts in enumerate(saved_outputs) for _ in parts]
     if len(sources) != len(rewritten.saved):
         raise InternalError(f"{program.name}: {len(rewritten.saved)} saved tensors after the rewrite, expected {len(sources)}")

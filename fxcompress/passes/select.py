@@ -14,7 +14,9 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 6. Not dense in memory (gaps or overlaps): keep.
 7. bool: :class:`BitMask`.
 8. Read as values by an op that needs them exact (normalization
-   statistics, attention internals): keep.
+   statistics, attention internals), or computed from parameters alone
+   (autocast's low-precision weight copy, which input gradients read, so an
+   error in it would reach every earlier layer): keep.
 9. Read as values otherwise: with a per-group lossy codec (or BLPA's
    ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
    :class:`GroupFP8`), and if it is also read through one predicate, that
@@ -91,6 +93,9 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
         ops = ", ".join(sorted({u.op for u in exact}))
         return Decision(None, f"read by {ops}, which needs exact values")
     values = [u for u in uses if isinstance(u, ValuesUse)]
+    if values and saved.from_parameters:
+        return Decision(None, "computed from parameters alone (e.g. autocast's weight copy): "
+                              "input gradients read it, so it stays exact")
     if values:
         ops = ", ".join(sorted({u.op for u in values}))
         return _lossy(saved, layout, uses, ops, config)
