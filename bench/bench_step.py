@@ -31,13 +31,13 @@ VARIANTS = ("torch.compile", "fxcompress none", "fxcompress lossless")  # the de
 OPTIMIZER = {"resnet50": "sgd", "gpt2": "adamw"}
 
 
-def wrap_for(variant: str):
+def wrap_for(variant: str, backend: str = "inductor"):
     if variant == "torch.compile":
         return torch.compile
     if not variant.startswith("fxcompress "):
         raise SystemExit(f"variant {variant!r} is not accepted; use 'torch.compile' or 'fxcompress CODEC'")
     codec = variant.split()[-1]
-    return lambda m: fxcompress.compile(m, fxcompress.CompressConfig(codec=codec), backend="inductor")
+    return lambda m: fxcompress.compile(m, fxcompress.CompressConfig(codec=codec), backend=backend)
 
 
 def run_one(args) -> None:
@@ -80,6 +80,8 @@ def main() -> None:
                 print(f"[bench] {model} / {variant} FAILED:\n{out.stderr[-4000:]}", file=sys.stderr)
                 continue
             rows.append(Measurement(**json.loads(line[len("RESULT "):])))
+            if args.out:  # after every variant, so that a run cut short keeps what it measured
+                write_results(args.out, " ".join([os.path.relpath(__file__)] + sys.argv[1:]), args.device, rows)
             r = rows[-1]
             print(f"[bench] {model} / {variant}: {r.items_per_s:,.0f}/s, activation {r.activation_gib:.2f} GiB",
                   file=sys.stderr, flush=True)
@@ -90,8 +92,6 @@ def main() -> None:
         rel = r.items_per_s / base[r.model].items_per_s if r.model in base else float("nan")
         saved = f"{r.saved_gib_before:.2f}->{r.saved_gib_after:.2f}" if r.saved_gib_before is not None else "-"
         print(f"{r.model:<10} {r.variant:<22} {r.items_per_s:>10,.0f} {rel:>6.2f} {r.activation_gib:>8.2f} {saved:>16} {r.compile_s:>9.1f}")
-    if args.out:
-        write_results(args.out, " ".join([os.path.relpath(__file__)] + sys.argv[1:]), args.device, rows)
 
 
 if __name__ == "__main__":

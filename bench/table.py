@@ -18,7 +18,10 @@ def render(results_dir: pathlib.Path = ROOT / "bench" / "results") -> str:
     files = [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
     speed = [(p, d) for p, d in files if "results" in d]
     fidelity = [(p, d) for p, d in files if "fidelity" in d]
-    parts = [_speed_table(speed) if speed else "_No GPU speed/memory results yet: `bench/bench_step.py` writes them._"]
+    peak = [(p, d) for p, d in files if "peak" in d]
+    parts = [_speed_table(speed) if speed else "_No current GPU speed/memory results: `bench/bench_step.py` writes them._"]
+    if peak:
+        parts.append(_peak_table(peak))
     if fidelity:
         parts.append(_fidelity_table(fidelity))
     return "\n\n".join(parts)
@@ -46,6 +49,26 @@ def _speed_table(files) -> str:
                 f"| {r['model']} | {r['variant']} | {r['items_per_s']:,.0f} | {rel} | "
                 f"{r['activation_gib']:.2f} | {saved} | {_where(data['environment'])} | `{path.name}` |"
             )
+    return "\n".join(lines)
+
+
+def _peak_table(files) -> str:
+    lines = []
+    for path, data in files:
+        lines += [
+            f"Predicted vs measured step peak (`{path.name}`, {_where(data['environment'])}; `{data['command']}`; "
+            "GiB above the steady allocation):",
+            "",
+            "| model | backend | codec | predicted | measured | error | max reserved |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in data["peak"]:
+            lines.append(
+                f"| {r['model']} | {r['backend']} | {r['codec']} | {r['predicted_gib']:.2f} | "
+                f"{r['measured_gib']:.2f} | {r['error']:+.1%} | {r['reserved_gib']:.2f} |"
+            )
+        if data.get("notes"):
+            lines += ["", f"_{data['notes']}_"]
     return "\n".join(lines)
 
 
