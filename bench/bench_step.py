@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import GiB, Measurement, measure, write_results  # noqa: E402
+from common import GiB, Measurement, measure, run_child, write_results  # noqa: E402
 
 VARIANTS = ("torch.compile", "fxcompress none", "fxcompress lossless")  # the default set
 OPTIMIZER = {"resnet50": "sgd", "gpt2": "adamw"}
@@ -74,12 +73,10 @@ def main() -> None:
                    "--warmup", str(args.warmup), "--one-model", model, "--one-variant", variant]
             if args.batch:
                 cmd += ["--batch", str(args.batch)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if out.returncode != 0 or line is None:
-                print(f"[bench] {model} / {variant} FAILED:\n{out.stderr[-4000:]}", file=sys.stderr)
+            result = run_child(cmd, f"[bench] {model} / {variant}")
+            if result is None:
                 continue
-            rows.append(Measurement(**json.loads(line[len("RESULT "):])))
+            rows.append(Measurement(**result))
             if args.out:  # after every variant, so that a run cut short keeps what it measured
                 write_results(args.out, " ".join([os.path.relpath(__file__)] + sys.argv[1:]), args.device, rows)
             r = rows[-1]

@@ -124,6 +124,19 @@ def measure(model_name: str, variant: str, wrap: Callable, device: str, batch: i
     return m, module
 
 
+def run_child(cmd: list[str], label: str) -> dict | None:
+    """Run one measurement in a fresh process; its ``RESULT {json}`` line, or None (reported) on failure."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if out.returncode != 0 or line is None:
+        print(f"{label} FAILED:\n{out.stderr[-4000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[len("RESULT "):])
+
+
 def environment(device: str) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": device}
     if device.startswith("cuda"):

@@ -5,6 +5,13 @@
 - digits: scikit-learn's digits (1,797 8x8 images), a conv/BN/ReLU/max-pool
   network, split ``train_test_split(test_size=0.25, random_state=0)``,
   12 epochs of SGD; reported: test accuracy (%).
+- digits-resnet: the same data and schedule on a small post-activation
+  ResNet (stem, three identity-shortcut blocks of width 32), for the
+  learning rules: ``ara`` is ``learning_rule="ara"`` with ``ara_stride=3``
+  (the three blocks' inputs share the first one) and the lossless codec;
+  ``ara+int4`` the same with int4 for what ARA leaves.
+- chars also runs the ASA variants: ``asa`` (the FFN's second linear, after
+  GELU: the paper's ASA1), ``asa2`` (both FFN linears), ``asa2+int8``.
 - chars: ``../shared/data/shakespeare.txt``, a character-level transformer,
   the first 90% of the text for training and the last 10% for validation,
   300 AdamW steps of 32 x 64 characters; reported: validation loss (8 fixed
@@ -29,7 +36,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxcompress  # noqa: E402
-from fxcompress.models import TinyTransformer  # noqa: E402
+from fxcompress.models import BasicBlock, TinyTransformer  # noqa: E402
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The project's shared data sits beside the checkout (../shared), or inside it.
@@ -53,6 +60,31 @@ class DigitsNet(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class DigitsResNet(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(*(BasicBlock(width, width) for _ in range(3)))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+# Fidelity variant name -> CompressConfig fields (a plain codec name means just that codec).
+VARIANTS = {
+    "ara": dict(codec="lossless", learning_rule="ara", ara_stride=3),
+    "ara+int4": dict(codec="int4", learning_rule="ara", ara_stride=3),
+    "asa": dict(codec="lossless", learning_rule="asa"),
+    "asa2": dict(codec="lossless", learning_rule="asa", asa_layers=("blocks.*.fc", "blocks.*.out")),
+    "asa2+int8": dict(codec="int8", learning_rule="asa", asa_layers=("blocks.*.fc", "blocks.*.out")),
+}
+
+
+def _config(variant: str) -> fxcompress.CompressConfig:
+    return fxcompress.CompressConfig(**VARIANTS.get(variant, {"codec": variant}))
+
+
 def _digits():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -64,11 +96,11 @@ def _digits():
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-def train_digits(codec: str) -> float:
+def train_digits(codec: str, net: type[nn.Module] = DigitsNet) -> float:
     x, y, xt, yt = _digits()
     torch.manual_seed(0)
-    model = DigitsNet()
-    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec=codec), backend="eager")
+    model = net()
+    cm = fxcompress.compile(model, _config(codec), backend="eager")
     opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     for _ in range(12):
@@ -99,7 +131,7 @@ def train_chars(codec: str, steps: int = 300, batch: int = 32, seq: int = 64) ->
     train, val, vocab = _shakespeare()
     torch.manual_seed(0)
     model = TinyTransformer(vocab=vocab, d=64, heads=4, layers=2, seq=seq, p=0.0)
-    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec=codec), backend="eager")
+    cm = fxcompress.compile(model, _config(codec), backend="eager")
     opt = torch.optim.AdamW(cm.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
 
@@ -126,11 +158,18 @@ def train_chars(codec: str, steps: int = 300, batch: int = 32, seq: int = 64) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--codecs", nargs="+", default=["none", "lossless", "int8", "int4", "int2", "fp8", "blpa8", "blpa4"])
+    p.add_argument("--ara", nargs="+", default=["none", "ara", "ara+int4"], help="variants for digits-resnet")
+    p.add_argument("--asa", nargs="+", default=["asa", "asa2", "asa2+int8"], help="extra variants for chars")
     p.add_argument("--out")
     args = p.parse_args()
     rows = []
-    for task, fn in (("digits accuracy %", train_digits), ("chars val loss", train_chars)):
-        for codec in args.codecs:
+    tasks = (
+        ("digits accuracy %", train_digits, args.codecs),
+        ("digits-resnet accuracy %", functools.partial(train_digits, net=DigitsResNet), args.ara),
+        ("chars val loss", train_chars, [*args.codecs, *args.asa]),
+    )
+    for task, fn, variants in tasks:
+        for codec in variants:
             torch._dynamo.reset()
             t0 = time.perf_counter()
             value = fn(codec)

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import GiB, build, environment  # noqa: E402
+from common import GiB, build, environment, run_child  # noqa: E402
 
 BATCH = {"resnet50": 64, "gpt2": 8}  # the sizes: ResNet-50 batch 64, GPT-2 8 x 1024
 TOLERANCE = 0.10
@@ -123,12 +122,9 @@ def main() -> None:
             for codec in args.codecs:
                 print(f"[peak] {model} / {backend} / {codec} ...", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--device", args.device, "--one", model, backend, codec]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if out.returncode != 0 or line is None:
-                    print(f"[peak] {model} / {backend} / {codec} FAILED:\n{out.stderr[-4000:]}", file=sys.stderr)
-                    continue
-                rows.append(PeakRow(**json.loads(line[len("RESULT "):])))
+                result = run_child(cmd, f"[peak] {model} / {backend} / {codec}")
+                if result is not None:
+                    rows.append(PeakRow(**result))
 
     print(f"\n{'model':<9} {'backend':<9} {'codec':<6} {'predicted':>9} {'measured':>9} {'error':>7} "
           f"{'reserved':>9} {'graphs':>6}   (GiB; predicted before rewrite in brackets)")

@@ -84,7 +84,10 @@ def _fidelity_table(files) -> str:
         lines.append("| task | " + " | ".join(codecs) + " |")
         lines.append("|---|" + "---|" * len(codecs))
         for task in tasks:
-            cells = [f"{value[(task, c)]:.2f}" if "accuracy" in task else f"{value[(task, c)]:.4f}" for c in codecs]
+            cells = [
+                "–" if (task, c) not in value else f"{value[(task, c)]:.2f}" if "accuracy" in task else f"{value[(task, c)]:.4f}"
+                for c in codecs
+            ]
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@
 >>> print(fxcompress.explain(cm))          # what was saved, and how
 """
 from . import visualize
-from .api import CompressedModule, compile, explain
+from .api import CompressedModule, compile, explain, learning_indicator
 from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule
 from .errors import (
     CaptureError,
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compile",
     "explain",
+    "learning_indicator",
     "CompressedModule",
     "CompressConfig",
     "Codec",

@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 
 from .capture import CaptureLog, make_backend
-from .config import BLPA_BITS, Backend, CompressConfig
+from .config import BLPA_BITS, Backend, CompressConfig, LearningRule
 from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError, UnsupportedError
 from .ir import Report, ReportRow
 from .passes.buffers import plan_buffers
 from .passes.liveness import analyze_liveness
 
-__all__ = ["compile", "explain", "CompressedModule"]
+__all__ = ["compile", "explain", "learning_indicator", "CompressedModule"]
 
 _ORIG = "_orig_mod"
 
@@ -81,6 +81,7 @@ class CompressedModule(nn.Module):
         )
         # NB: not an attribute nn.Module registers, or parameters would appear twice.
         object.__setattr__(self, "_compiled", compiled)
+        self.asa_substitutions: tuple | None = None  # learning_rule="asa": set on the first call
         self._register_state_dict_hook(_strip_prefix)
         self._register_load_state_dict_pre_hook(_add_prefix)
 
@@ -90,6 +91,8 @@ class CompressedModule(nn.Module):
         return self._orig_mod
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config.learning_rule is LearningRule.ASA and self.asa_substitutions is None:
+            self.asa_substitutions = _apply_asa(self._orig_mod, self.config, args, kwargs)
         if not (self.training and torch.is_grad_enabled()):
             return self._orig_mod(*args, **kwargs)
         try:
@@ -126,6 +129,40 @@ class CompressedModule(nn.Module):
         return f"config={self.config.describe()}, backend={self.backend.value!r}"
 
 
+def _apply_asa(model: nn.Module, config: CompressConfig, args: tuple, kwargs: dict) -> tuple:
+    """Give the chosen linear layers of ``model`` the ASA forward (in train and eval alike)."""
+    import fnmatch
+
+    from .passes.auxiliary import _NONNEG, Substitution, asa_forward, find_asa_layers
+
+    fed_by = find_asa_layers(model, args, kwargs)
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    for name, module in linear.items():  # changed by an earlier compile: its probe sees no linear call
+        if hasattr(module.forward, "asa_nonneg"):
+            fed_by.setdefault(name, "ReLU" if module.forward.asa_nonneg else "activation")
+    if config.asa_layers == "after_activation":
+        chosen = [n for n in linear if n in fed_by]
+        why_not = "input is not an activation's output"
+    else:
+        chosen = [n for n in linear if any(fnmatch.fnmatchcase(n, p) for p in config.asa_layers)]
+        why_not = f"matches none of asa_layers={config.asa_layers!r}"
+    subs = []
+    for name, module in linear.items():
+        if name not in chosen:
+            subs.append(Substitution("-", name, "input", None, None, f"kept: {why_not}"))
+            continue
+        act = fed_by.get(name)
+        nonneg = act in _NONNEG
+        module.forward = asa_forward(module, type(module).__name__ == "Conv1D", nonneg, config.asa_epsilon, config.asa_lambda)
+        source = f"{act} output" if act else "input"
+        subs.append(Substitution("-", name, source, "sign (1 bit)", None,
+                                 f"forward {source} + {config.asa_epsilon:g}*sign; weight gradient "
+                                 f"{config.asa_lambda:g}*({config.asa_epsilon:g}*sign)^T delta"))
+    if not linear:
+        subs.append(Substitution("-", "-", "-", None, None, "no linear layer found: plain backprop"))
+    return tuple(subs)
+
+
 def _fxcompress_cause(e: BaseException) -> FxCompressError | None:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -151,10 +188,13 @@ def _add_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpe
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
-def explain(cm: CompressedModule) -> Report:
+def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
     """What fxcompress did to each saved tensor of ``cm``'s captured graphs.
 
     Available after the first training-mode forward (capture happens then).
+    With ``inputs`` (a batch, as the model's positional arguments) and
+    ``learning_rule="ara"``, the report also shows each substituted layer's
+    learning indicator on that batch (see :func:`learning_indicator`).
     """
     if not isinstance(cm, CompressedModule):
         raise FxCompressError(
@@ -212,7 +252,49 @@ def explain(cm: CompressedModule) -> Report:
         forward_buffers=sum(len(p.buffers) for p in plans),
         forward_arena_bytes=sum(p.arena_bytes for p in plans),
         forward_naive_bytes=sum(p.naive_bytes for p in plans),
+        substitutions=tuple(s for cap in captures for s in cap.substitutions) + (cm.asa_substitutions or ()),
+        learning_indicator=learning_indicator(cm, *inputs) if inputs is not None else None,
     )
+
+
+def learning_indicator(cm: CompressedModule, *inputs: Any) -> dict[str, float]:
+    """``LI = 1 - ||x - a||^2 / ||x||^2`` per ARA-substituted layer, on one batch.
+
+    ``x`` is the layer's real input, ``a`` the auxiliary activation its weight
+    gradient reads instead; 1 is exact backprop, and above 0 the weight update
+    keeps a descent direction (Woo & Jeon, ICLR 2023). A diagnostic: it runs
+    one extra forward of the plain model in training mode without gradients,
+    and puts the model's buffers (batch-norm running statistics) back after.
+    """
+    if not isinstance(cm, CompressedModule):
+        raise FxCompressError(f"learning_indicator() takes the module fxcompress.compile() returned, got {type(cm).__name__}")
+    subs = [s for cap in cm.capture_log.captures() for s in cap.substitutions if s.aux is not None]
+    if not subs:
+        return {}
+    model = cm.module
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in {s.layer for s in subs} | {s.aux_layer for s in subs}:
+        if name not in modules:
+            raise FxCompressError(f"learning_indicator(): layer {name!r} of the captured graph is not a submodule of the model")
+        hooks.append(modules[name].register_forward_pre_hook(
+            lambda mod, args, name=name: seen.__setitem__(name, args[0].detach().float())))
+    saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved_buffers[k])
+    out = {}
+    for s in subs:
+        x, a = seen[s.layer], seen[s.aux_layer]
+        out[s.layer] = float(1 - (x - a).pow(2).sum() / x.pow(2).sum())
+    return out
 
 
 def codec_label(cap, index: int) -> str:

@@ -31,9 +31,10 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .codecs.uses import VIEW_OPS, terminal_users, view_root
-from .config import Backend, BasePartitioner, CompressConfig
+from .config import Backend, BasePartitioner, CompressConfig, LearningRule
 from .errors import InternalError
 from .ir import CodecPlan, Program, SavedTensor, tensor_nbytes
+from .passes.auxiliary import Substitution, apply_ara
 from .passes.rewrite import rewrite_saved_tensors
 from .passes.select import plan_codecs
 
@@ -128,6 +129,7 @@ class Capture:
     original: Program
     plan: CodecPlan
     rewritten: Program
+    substitutions: tuple[Substitution, ...] = ()  # learning_rule="ara": what each conv's weight gradient reads
 
 
 class CaptureLog:
@@ -205,11 +207,14 @@ class Partitioner(CustomPartitionerFn):
         primals = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         parameters = frozenset(primals[i] for i in kwargs.get("static_lifetime_input_indices") or ())
         program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
-        plan = plan_codecs(program, self.config)
-        rewritten = rewrite_saved_tensors(program, plan, self._decompositions())
+        learned, substitutions = program, ()
+        if self.config.learning_rule is LearningRule.ARA:
+            learned, substitutions = apply_ara(program, self.config.ara_stride)
+        plan = plan_codecs(learned, self.config)
+        rewritten = rewrite_saved_tensors(learned, plan, self._decompositions())
         if self.backend is Backend.INDUCTOR:
             _lower_random_ops(rewritten.fw)
-        self.log.record(Capture(key, program, plan, rewritten))
+        self.log.record(Capture(key, program, plan, rewritten, substitutions))
         return rewritten.fw, rewritten.bw
 
     def _base(self) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:

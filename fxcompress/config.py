@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 from .errors import ConfigError, UnsupportedError
 
@@ -68,7 +69,7 @@ LOSSY_BITS = {Codec.INT8: 8, Codec.INT4: 4, Codec.INT2: 2}
 BLPA_BITS = {Codec.BLPA8: 8, Codec.BLPA4: 4}
 PER_GROUP_CODECS = (Codec.INT8, Codec.INT4, Codec.INT2, Codec.FP8)
 FP8_FORMATS = ("e4m3", "e5m2")
-IMPLEMENTED_RULES = frozenset({LearningRule.BACKPROP})
+IMPLEMENTED_RULES = frozenset({LearningRule.BACKPROP, LearningRule.ARA, LearningRule.ASA})
 
 
 def _coerce(cls: type[enum.Enum], field: str, value: object) -> enum.Enum:
@@ -107,6 +108,22 @@ class CompressConfig:
             tensors that do not feed a batch-norm (``"none"``, the paper's
             choice, keeps them in full precision after the lossless encodings;
             or ``"int8"``, ``"int4"``, ``"int2"``, ``"fp8"``).
+        ara_stride: with ``learning_rule="ara"``, how many consecutive
+            same-shape block inputs share one stored activation (the paper's
+            "ARA stride"). An int for every residual chain (a chain: blocks
+            with identity shortcuts, ending at a shape change), or a tuple
+            with one int per chain in forward order (ResNet-50's four stages:
+            e.g. ``(3, 4, 2, 2)``). 1 substitutes nothing. Default 2.
+        asa_epsilon, asa_lambda: with ``learning_rule="asa"``, the forward
+            uses ``h + asa_epsilon * sign(h)`` and the weight gradient is
+            ``asa_lambda * (asa_epsilon * sign(h))^T delta``. Defaults 0.01
+            and 100 (the paper's).
+        asa_layers: which linear layers ASA changes: ``"after_activation"``
+            (default: every ``nn.Linear``, or GPT-2 ``Conv1D``, whose input is
+            an activation's output, possibly through dropout: the FFN's
+            second linear, the paper's ASA1), or a tuple of ``fnmatch``
+            patterns of module paths (e.g. ``("*.mlp.c_fc", "*.mlp.c_proj")``
+            for ASA2 on GPT-2).
     """
 
     codec: Codec | str = Codec.LOSSLESS
@@ -119,6 +136,10 @@ class CompressConfig:
     stochastic_rounding: bool = True
     fp8_format: str = "e4m3"
     blpa_fallback: Codec | str = Codec.NONE
+    ara_stride: int | tuple[int, ...] = 2
+    asa_epsilon: float = 0.01
+    asa_lambda: float = 100.0
+    asa_layers: str | tuple[str, ...] = "after_activation"
 
     def __post_init__(self) -> None:
         # NB: frozen dataclass, so normalized values go in through object.__setattr__.
@@ -150,6 +171,31 @@ class CompressConfig:
                 f"fp8_format={self.fp8_format!r} is not accepted; use one of "
                 + ", ".join(repr(f) for f in FP8_FORMATS)
             )
+        stride = self.ara_stride
+        if isinstance(stride, list):
+            stride = tuple(stride)
+            object.__setattr__(self, "ara_stride", stride)
+        strides = stride if isinstance(stride, tuple) else (stride,)
+        if not strides or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in strides):
+            raise ConfigError(
+                f"ara_stride={self.ara_stride!r} is not accepted; use an int >= 1 or a non-empty "
+                f"tuple of ints >= 1, one per residual chain (e.g. (3, 4, 2, 2))"
+            )
+        for name in ("asa_epsilon", "asa_lambda"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name}={v!r} is not accepted; use a finite number > 0")
+            object.__setattr__(self, name, float(v))
+        layers = self.asa_layers
+        if isinstance(layers, list):
+            layers = tuple(layers)
+            object.__setattr__(self, "asa_layers", layers)
+        if not (layers == "after_activation" or (
+                isinstance(layers, tuple) and layers and all(isinstance(p, str) and p for p in layers))):
+            raise ConfigError(
+                f"asa_layers={self.asa_layers!r} is not accepted; use 'after_activation' or a non-empty "
+                f"tuple of module-path patterns (fnmatch), e.g. ('*.mlp.c_fc', '*.mlp.c_proj')"
+            )
         for name in ("fullgraph", "dynamic", "stochastic_rounding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
@@ -167,7 +213,8 @@ class CompressConfig:
         if self.learning_rule not in IMPLEMENTED_RULES:
             raise UnsupportedError(
                 f"learning_rule={self.learning_rule.value!r} is a valid rule name but is not "
-                f"implemented in this version of fxcompress; implemented: 'backprop'"
+                f"implemented in this version of fxcompress; implemented: "
+                + ", ".join(repr(r.value) for r in LearningRule if r in IMPLEMENTED_RULES)
             )
 
     def describe(self) -> str:

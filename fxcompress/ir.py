@@ -147,6 +147,8 @@ class Report:
     forward_buffers: int | None = None  # shared buffers for the rewritten forward's transients
     forward_arena_bytes: int | None = None  # their total size
     forward_naive_bytes: int | None = None  # one allocation per transient instead
+    substitutions: tuple = ()  # learning_rule="ara": passes.auxiliary.Substitution per conv
+    learning_indicator: dict | None = None  # layer -> LI, when explain() was given inputs
 
     @property
     def saved_bytes_before(self) -> int:

@@ -56,12 +56,6 @@ def test_blpa_on_inductor_fails_loudly(codec):
         fxcompress.compile(nn.Linear(2, 2), CompressConfig(codec=codec), backend="inductor")
 
 
-@pytest.mark.parametrize("rule", ["ara", "asa"])
-def test_learning_rules_not_yet_implemented_fail_loudly(rule):
-    with pytest.raises(fxcompress.UnsupportedError, match=f"learning_rule='{rule}'"):
-        fxcompress.compile(nn.Linear(2, 2), CompressConfig(learning_rule=rule))
-
-
 def test_explain_before_capture_and_on_wrong_type():
     cm = fxcompress.compile(nn.Linear(2, 2), backend="eager")
     with pytest.raises(fxcompress.NotCapturedError, match="training-mode forward"):

@@ -17,6 +17,14 @@ def test_rewritten_graphs_match_golden(name):
     testing.assert_matches_golden(testing.compiled_text(step.module), GOLDENS / f"{name}_lossless.txt")
 
 
+def test_ara_rewritten_graphs_match_golden():
+    """ARA's substitution, pinned: stage1.1.conv1 and stage2.0's convs read getitem_5."""
+    model, x = make_model("resnet")
+    step = train_step(model, x, compressed("lossless", learning_rule="ara", ara_stride=3))
+    text = testing.compiled_text(step.module)
+    testing.assert_matches_golden(text, GOLDENS / "resnet_ara_lossless.txt")
+
+
 def test_graph_text_is_stable_across_compiles():
     texts = []
     for _ in range(2):

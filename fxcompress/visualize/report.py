@@ -60,4 +60,20 @@ def format_report(report: "Report") -> str:
             f"{format_bytes(report.forward_arena_bytes)} in {report.forward_buffers} shared buffers"
         )
     out += [f"note: {n}" for n in report.notes]
+    if report.substitutions:
+        out += ["", _format_substitutions(report)]
+    return "\n".join(out)
+
+
+def _format_substitutions(report: "Report") -> str:
+    subs = report.substitutions
+    li = report.learning_indicator or {}
+    done = sum(s.aux is not None for s in subs)
+    rule = "asa" if "learning_rule='asa'" in report.config else "ara"
+    kind = "linear layers" if rule == "asa" else "convolution weight gradients"
+    out = [f"learning rule {rule}: {done} of {len(subs)} {kind} read an auxiliary activation"]
+    for s in subs:
+        what = f"{s.real} -> {s.aux}" if s.aux is not None else f"{s.real} (kept)"
+        indicator = f"  LI={li[s.layer]:.3f}" if s.layer in li else ""
+        out.append(f"  {s.program}  {s.layer:<24} {what:<28} {s.reason}{indicator}")
     return "\n".join(out)
