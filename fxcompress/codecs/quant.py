@@ -37,6 +37,9 @@ from .uses import Predicate
 __all__ = ["GroupAffine", "GroupFP8", "MaskedLossy", "FP8_FORMATS"]
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# NB: scales never go below fp32's smallest normal number: 1/scale stays finite, and GPUs that
+# flush denormals to zero cannot turn a scale into 0 (found by tests/test_codec_properties.py).
+_MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 def _groups(layout: Layout, x: torch.Tensor, group: int) -> torch.Tensor:
@@ -81,27 +84,33 @@ class GroupAffine(Codec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g = _groups(self.layout, x, self.group)
         lo = g.amin(dim=1, keepdim=True)
-        scale = (g.amax(dim=1, keepdim=True) - lo) / self.levels
-        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-        v = (g - lo) * inv
+        scale = self._scale(g, lo)
+        # NB: halves, so that hi - lo cannot overflow for huge values of both signs
+        v = (g * 0.5 - lo * 0.5) * (2.0 / scale)
         v = v + (torch.rand_like(v) if self.stochastic else 0.5)
         codes = v.floor().clamp(0, self.levels).to(torch.uint8)
         return pack_codes(codes.view(-1), self.bits), _poison_nonfinite(g, lo), scale
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         codes = unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group)
-        return _ungroup(self.layout, codes.float() * scale + lo)
+        return _ungroup(self.layout, (codes.float() * (scale * 0.5) + lo * 0.5) * 2.0)
+
+    def _scale(self, g: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        half_range = g.amax(dim=1, keepdim=True) * 0.5 - lo * 0.5
+        return (half_range * (2.0 / self.levels)).clamp_min(_MIN_SCALE)
 
     def nbytes(self) -> int:
         g = -(-self.layout.numel // self.group)
         return g * self.group * self.bits // 8 + 8 * g
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-element bound on ``|x' - x|`` (before the cast back to ``x``'s dtype)."""
+        """Per-element bound on ``|x' - x|`` (before the cast back to ``x``'s dtype): one step
+        (stochastic) or half a step (nearest), plus fp32 rounding in the code arithmetic."""
         g = _groups(self.layout, x, self.group)
-        scale = (g.amax(dim=1, keepdim=True) - g.amin(dim=1, keepdim=True)) / self.levels
-        bound = scale if self.stochastic else scale / 2
-        return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound.expand_as(g))
+        scale = self._scale(g, g.amin(dim=1, keepdim=True))
+        eps = torch.finfo(torch.float32).eps
+        bound = (scale if self.stochastic else scale / 2) * (1 + 4 * self.levels * eps) + g.abs() * (4 * eps)
+        return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +128,14 @@ class GroupFP8(Codec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = FP8_FORMATS[self.fmt]
         g = _groups(self.layout, x, self.group)
-        amax = g.abs().amax(dim=1, keepdim=True)
-        scale = amax / torch.finfo(dtype).max
-        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-        return (g * inv).to(dtype), _poison_nonfinite(g, scale)
+        scale = self._scale(g)
+        return (g * (1.0 / scale)).to(dtype), _poison_nonfinite(g, scale)
 
     def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, q.float() * scale)
+
+    def _scale(self, g: torch.Tensor) -> torch.Tensor:
+        return (g.abs().amax(dim=1, keepdim=True) / torch.finfo(FP8_FORMATS[self.fmt]).max).clamp_min(_MIN_SCALE)
 
     def nbytes(self) -> int:
         g = -(-self.layout.numel // self.group)
@@ -135,7 +145,7 @@ class GroupFP8(Codec):
         """Per-element bound: half an fp8 ulp of ``x / s`` (relative) plus the subnormal step, times ``s``."""
         info = torch.finfo(FP8_FORMATS[self.fmt])
         g = _groups(self.layout, x, self.group)
-        scale = g.abs().amax(dim=1, keepdim=True) / info.max
+        scale = self._scale(g)
         bound = g.abs() * (info.eps / 2) + scale * (info.smallest_normal * info.eps / 2)
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
 

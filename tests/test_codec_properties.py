@@ -1,0 +1,98 @@
+"""Codec properties on generated inputs (hypothesis): odd sizes, every float dtype, constant
+groups, denormals, huge magnitudes, +-inf and NaN.
+
+- lossless codecs round-trip exactly (a predicate mask: the predicate, exactly);
+- lossy codecs stay within their stated bound on every group of finite input;
+- a group holding a non-finite value decodes to NaN: never to finite garbage.
+"""
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask
+from fxcompress.codecs.lossless import narrowest_int
+from fxcompress.codecs.quant import GroupAffine, GroupFP8
+from fxcompress.codecs.uses import Predicate
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("FXCOMPRESS_EXAMPLES", 100)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def tensors(draw, allow_nonfinite=True):
+    shape = tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=3)))
+    dtype = draw(st.sampled_from(DTYPES))
+    n = math.prod(shape)
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    tiny = torch.finfo(dtype).tiny
+    magnitude = draw(st.sampled_from([1.0, tiny / 4, tiny * 8, 1e-3, 1e3, torch.finfo(dtype).max / 8]))
+    kind = draw(st.sampled_from(["normal", "constant", "sparse"]))
+    if kind == "constant":
+        x = torch.full((n,), draw(st.floats(-4, 4)) * magnitude, dtype=torch.float64)
+    else:
+        x = torch.randn(n, generator=gen, dtype=torch.float64) * magnitude
+        if kind == "sparse":
+            x[torch.rand(n, generator=gen) < 0.7] = 0.0
+    x = x.to(dtype)
+    if allow_nonfinite and draw(st.booleans()):
+        for value in draw(st.lists(st.sampled_from([math.nan, math.inf, -math.inf]), min_size=1, max_size=3)):
+            x[draw(st.integers(0, n - 1))] = value
+    return x.view(shape)
+
+
+def _lossy(x, group):
+    lay = Layout.of(x)
+    return [GroupAffine(lay, b, group, sr) for b in (8, 4, 2) for sr in (True, False)] + [
+        GroupFP8(lay, f, group) for f in ("e4m3", "e5m2")
+    ]
+
+
+@SETTINGS
+@given(x=tensors(), group=st.sampled_from([8, 64, 256]))
+def test_lossy_bound_on_finite_groups_and_nan_on_the_rest(x, group):
+    flat = x.reshape(-1)
+    pad = -flat.numel() % group
+    finite_group = torch.cat([flat.isfinite(), torch.ones(pad, dtype=torch.bool)]).view(-1, group).all(1)
+    finite_elem = finite_group.repeat_interleave(group)[: flat.numel()]
+    for codec in _lossy(x, group):
+        y = codec.decode(*codec.encode(x)).reshape(-1)
+        assert y.shape == flat.shape and y.dtype == x.dtype
+        # non-finite groups: all NaN, never finite garbage
+        assert y[~finite_elem].isnan().all(), codec.name
+        if finite_elem.any():
+            xf, yf = flat[finite_elem].double(), y[finite_elem].double()
+            bound = codec.max_error(x).reshape(-1)[finite_elem].double()
+            slack = yf.abs() * torch.finfo(x.dtype).eps + torch.finfo(x.dtype).tiny  # the final cast
+            err = (yf - xf).abs()
+            ok = err <= bound + slack
+            assert ok.all(), f"{codec.name}: x={xf[~ok][:3].tolist()} y={yf[~ok][:3].tolist()} bound={bound[~ok][:3].tolist()}"
+
+
+@SETTINGS
+@given(x=tensors())
+def test_bitmask_round_trips(x):
+    mask = x > 0
+    codec = BitMask(Layout.of(mask))
+    assert torch.equal(codec.decode(*codec.encode(mask)), mask)
+
+
+@SETTINGS
+@given(x=tensors(), pred=st.sampled_from([
+    Predicate("le", (0.0,)), Predicate("gt", (0.0,)), Predicate("notinside", (0.0, 6.0)), Predicate("outside", (-1.0, 1.0)),
+]))
+def test_predicate_mask_keeps_the_predicate(x, pred):
+    reps = pred.representatives(x.dtype)
+    codec = PredicateMask(Layout.of(x), pred, *reps)
+    y = codec.decode(*codec.encode(x))
+    assert y.dtype == x.dtype and torch.equal(pred(y), pred(x))
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 30), min_size=1, max_size=3), bound=st.sampled_from([2, 255, 256, 257, 40000, 2**31]))
+def test_narrow_int_round_trips(shape, bound):
+    idx = torch.randint(0, bound, tuple(shape), generator=torch.Generator().manual_seed(bound))
+    codec = NarrowInt(Layout.of(idx), narrowest_int(bound, torch.int64))
+    assert torch.equal(codec.decode(*codec.encode(idx)), idx)
