@@ -1,0 +1,72 @@
+"""DistributedDataParallel over a compiled model: two processes, gloo, CPU."""
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    sys.path.insert(0, {tests!r})
+    import fxcompress
+    from conftest import make_model
+    from test_quant import _no_dropout
+
+    def worker(rank, world, out, port):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        grads = {{}}
+        for name in ("mlp", "convnet"):
+            for label in ("ddp", "ddp+fxcompress"):
+                torch._dynamo.reset()
+                model, x = make_model(name)
+                _no_dropout(model)
+                ddp = torch.nn.parallel.DistributedDataParallel(model)
+                run = ddp if label == "ddp" else fxcompress.compile(
+                    ddp, fxcompress.CompressConfig(codec="lossless"), backend="eager")
+                run(x.chunk(world)[rank]).pow(2).mean().backward()
+                grads[name, label] = {{n: p.grad.clone() for n, p in model.named_parameters()}}
+                if label != "ddp":
+                    grads[name, "captured"] = len(run.capture_log.captures())
+        if rank == 0:
+            torch.save(grads, out)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(worker, args=(2, sys.argv[1], int(sys.argv[2])), nprocs=2)
+    """
+)
+
+
+def test_ddp_two_processes_match_ddp_and_single_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
+    out = tmp_path / "grads.pt"
+    done = subprocess.run([sys.executable, str(script), str(out), str(port)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grads = torch.load(out)
+    for name in ("mlp", "convnet"):
+        assert grads[name, "captured"] >= 1
+        for k, g in grads[name, "ddp"].items():  # lossless: bit-identical to DDP without fxcompress
+            assert torch.equal(grads[name, "ddp+fxcompress"][k], g), (name, k)
+
+    # and equal to one process on the global batch (the MLP has no per-shard statistics)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_model
+    from test_quant import _no_dropout
+
+    model, x = make_model("mlp")
+    _no_dropout(model)
+    model(x).pow(2).mean().backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads["mlp", "ddp+fxcompress"][k], p.grad, rtol=1e-5, atol=1e-7)
