@@ -80,7 +80,7 @@ def measure(model_name: str, variant: str, wrap: Callable, device: str, batch: i
     model, inputs, loss_fn, items = build(model_name, device, batch)
     module = wrap(model)
     params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9) if optimizer == "sgd" else torch.optim.AdamW(params, lr=1e-4)
+    opt = make_optimizer(params, optimizer)
     cuda = device.startswith("cuda")
 
     def step():
@@ -122,6 +122,11 @@ def measure(model_name: str, variant: str, wrap: Callable, device: str, batch: i
         steady / GiB, peak / GiB, (peak - steady) / GiB, reserved / GiB,
     )
     return m, module
+
+
+def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
+    """The benchmarks' optimizers: ``sgd`` (momentum 0.9) or ``adamw``."""
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(params, lr=1e-4)
 
 
 def run_child(cmd: list[str], label: str) -> dict | None:

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import fxcompress  # noqa: E402
 from bench_step import OPTIMIZER, wrap_for  # noqa: E402
-from common import GiB, build  # noqa: E402
+from common import GiB, build, make_optimizer  # noqa: E402
 
 
 def live_at_peak(trace: list[dict]) -> tuple[int, int, list[dict]]:
@@ -67,7 +67,7 @@ def main() -> None:
     model, inputs, loss_fn, _ = build(args.model, "cuda", args.batch)
     module = wrap_for(args.variant, args.backend)(model)
     params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9) if OPTIMIZER.get(args.model) == "sgd" else torch.optim.AdamW(params, lr=1e-4)
+    opt = make_optimizer(params, OPTIMIZER.get(args.model, "adamw"))
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from .capture import CaptureLog, make_backend
 from .config import BLPA_BITS, Backend, CompressConfig, LearningRule
 from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError, UnsupportedError
 from .ir import Report, ReportRow
+from .passes.auxiliary import apply_asa, buffers_restored
 from .passes.buffers import plan_buffers
 from .passes.liveness import analyze_liveness
 
@@ -92,7 +93,7 @@ class CompressedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.config.learning_rule is LearningRule.ASA and self.asa_substitutions is None:
-            self.asa_substitutions = _apply_asa(self._orig_mod, self.config, args, kwargs)
+            self.asa_substitutions = apply_asa(self._orig_mod, self.config, args, kwargs)
         if not (self.training and torch.is_grad_enabled()):
             return self._orig_mod(*args, **kwargs)
         try:
@@ -127,40 +128,6 @@ class CompressedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={self.config.describe()}, backend={self.backend.value!r}"
-
-
-def _apply_asa(model: nn.Module, config: CompressConfig, args: tuple, kwargs: dict) -> tuple:
-    """Give the chosen linear layers of ``model`` the ASA forward (in train and eval alike)."""
-    import fnmatch
-
-    from .passes.auxiliary import _NONNEG, Substitution, asa_forward, find_asa_layers
-
-    fed_by = find_asa_layers(model, args, kwargs)
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
-    for name, module in linear.items():  # changed by an earlier compile: its probe sees no linear call
-        if hasattr(module.forward, "asa_nonneg"):
-            fed_by.setdefault(name, "ReLU" if module.forward.asa_nonneg else "activation")
-    if config.asa_layers == "after_activation":
-        chosen = [n for n in linear if n in fed_by]
-        why_not = "input is not an activation's output"
-    else:
-        chosen = [n for n in linear if any(fnmatch.fnmatchcase(n, p) for p in config.asa_layers)]
-        why_not = f"matches none of asa_layers={config.asa_layers!r}"
-    subs = []
-    for name, module in linear.items():
-        if name not in chosen:
-            subs.append(Substitution("-", name, "input", None, None, f"kept: {why_not}"))
-            continue
-        act = fed_by.get(name)
-        nonneg = act in _NONNEG
-        module.forward = asa_forward(module, type(module).__name__ == "Conv1D", nonneg, config.asa_epsilon, config.asa_lambda)
-        source = f"{act} output" if act else "input"
-        subs.append(Substitution("-", name, source, "sign (1 bit)", None,
-                                 f"forward {source} + {config.asa_epsilon:g}*sign; weight gradient "
-                                 f"{config.asa_lambda:g}*({config.asa_epsilon:g}*sign)^T delta"))
-    if not linear:
-        subs.append(Substitution("-", "-", "-", None, None, "no linear layer found: plain backprop"))
-    return tuple(subs)
 
 
 def _fxcompress_cause(e: BaseException) -> FxCompressError | None:
@@ -280,16 +247,12 @@ def learning_indicator(cm: CompressedModule, *inputs: Any) -> dict[str, float]:
             raise FxCompressError(f"learning_indicator(): layer {name!r} of the captured graph is not a submodule of the model")
         hooks.append(modules[name].register_forward_pre_hook(
             lambda mod, args, name=name: seen.__setitem__(name, args[0].detach().float())))
-    saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
     try:
-        with torch.no_grad():
+        with buffers_restored(model), torch.no_grad():
             model(*inputs)
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(saved_buffers[k])
     out = {}
     for s in subs:
         x, a = seen[s.layer], seen[s.aux_layer]

@@ -17,8 +17,10 @@ policy stores it as a 1-bit mask.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fnmatch
 import re
 
 import torch
@@ -28,7 +30,7 @@ from ..codecs.uses import view_root
 from ..errors import ConfigError
 from ..ir import Program
 
-__all__ = ["Substitution", "apply_ara", "residual_chains"]
+__all__ = ["Substitution", "apply_ara", "apply_asa", "buffers_restored", "residual_chains"]
 
 _RELU = torch.ops.aten.relu.default
 _ADD = torch.ops.aten.add.Tensor
@@ -103,12 +105,12 @@ def apply_ara(program: Program, stride: int | tuple[int, ...]) -> tuple[Program,
     for s in program.saved:
         carriers.setdefault(view_root(s.fw_node), []).append(by_name[s.bw_placeholder.name])
     readers = _conv_readers(program.fw.graph)
+    conv_backwards = [n for n in bw.graph.nodes if n.target is _CONV_BACKWARD]
     substitutions = []
-    for chain, k in zip(chains, strides):
+    for c, (chain, k) in enumerate(zip(chains, strides)):
         for i, x in enumerate(chain):
             first = chain[i - i % k]
-            convs = [n for n in bw.graph.nodes if n.target is _CONV_BACKWARD and _reads(n, carriers.get(x, ()))]
-            for conv in convs:
+            for conv in [n for n in conv_backwards if _reads(n, carriers.get(x, ()))]:
                 layer = _layer(conv)
                 if first is x:
                     reason = "first input of its group: kept" if k > 1 else "ara stride 1: kept"
@@ -120,7 +122,7 @@ def apply_ara(program: Program, stride: int | tuple[int, ...]) -> tuple[Program,
                     continue
                 conv.update_arg(1, carriers[first][0])
                 aux_layer = readers.get(first)
-                reason = f"weight gradient from {first.name}, input of block {i - i % k} of chain {chains.index(chain)}"
+                reason = f"weight gradient from {first.name}, input of block {i - i % k} of chain {c}"
                 substitutions.append(Substitution(program.name, layer, x.name, first.name, aux_layer, reason))
     if not chains:
         substitutions.append(Substitution(program.name, "-", "-", None, None,
@@ -209,13 +211,13 @@ class _ASA(torch.autograd.Function):
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(positive, weight)
-        ctx.config = (transposed, nonneg, eps, lam, bias is not None, h.dtype)
+        ctx.config = (transposed, nonneg, eps, lam, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         positive, weight = ctx.saved_tensors
-        transposed, nonneg, eps, lam, has_bias, dtype = ctx.config
+        transposed, nonneg, eps, lam, has_bias = ctx.config
         dh = dy @ weight.t() if transposed else dy @ weight  # exact: dx/dh = 1
         s = _sign(positive, nonneg, dy.dtype).flatten(0, -2)
         d2 = dy.flatten(0, -2)
@@ -247,9 +249,8 @@ def find_asa_layers(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
     param_owner = {}
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D":
-            if isinstance(w, torch.nn.Parameter) and w.dim() == 2:
-                param_owner[id(w)] = name
+        if _is_asa_layer(m) and isinstance(w, torch.nn.Parameter) and w.dim() == 2:
+            param_owner[id(w)] = name
     found: dict[str, str] = {}
 
     class Probe(TorchFunctionMode):
@@ -289,11 +290,10 @@ def find_asa_layers(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
         for m in model.modules()
         if _ACTIVATION_MODULE.search(type(m).__name__)
     ]
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        with torch.no_grad(), probe:
+        with buffers_restored(model), torch.no_grad(), probe:
             model(*args, **kwargs)
     finally:
         for h in hooks:
@@ -301,7 +301,50 @@ def find_asa_layers(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+    return found
+
+
+@contextlib.contextmanager
+def buffers_restored(model: torch.nn.Module):
+    """Put ``model``'s buffers (batch-norm running statistics) back after a diagnostic forward."""
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    try:
+        yield
+    finally:
         with torch.no_grad():
             for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-    return found
+                v.copy_(saved[k])
+
+
+def _is_asa_layer(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def apply_asa(model: torch.nn.Module, config, args: tuple, kwargs: dict) -> tuple[Substitution, ...]:
+    """Give the chosen linear layers of ``model`` the ASA forward (in train and eval alike)."""
+    fed_by = find_asa_layers(model, args, kwargs)
+    linear = {n: m for n, m in model.named_modules() if _is_asa_layer(m)}
+    for name, module in linear.items():  # changed by an earlier compile: its probe sees no linear call
+        if hasattr(module.forward, "asa_nonneg"):
+            fed_by.setdefault(name, "ReLU" if module.forward.asa_nonneg else "activation")
+    if config.asa_layers == "after_activation":
+        chosen = [n for n in linear if n in fed_by]
+        why_not = "input is not an activation's output"
+    else:
+        chosen = [n for n in linear if any(fnmatch.fnmatchcase(n, p) for p in config.asa_layers)]
+        why_not = f"matches none of asa_layers={config.asa_layers!r}"
+    subs = []
+    for name, module in linear.items():
+        if name not in chosen:
+            subs.append(Substitution("-", name, "input", None, None, f"kept: {why_not}"))
+            continue
+        act = fed_by.get(name)
+        module.forward = asa_forward(module, type(module).__name__ == "Conv1D", act in _NONNEG,
+                                     config.asa_epsilon, config.asa_lambda)
+        source = f"{act} output" if act else "input"
+        subs.append(Substitution("-", name, source, "sign (1 bit)", None,
+                                 f"forward {source} + {config.asa_epsilon:g}*sign; weight gradient "
+                                 f"{config.asa_lambda:g}*({config.asa_epsilon:g}*sign)^T delta"))
+    if not linear:
+        subs.append(Substitution("-", "-", "-", None, None, "no linear layer found: plain backprop"))
+    return tuple(subs)
