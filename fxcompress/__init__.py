@@ -5,10 +5,29 @@
 >>> loss_fn(cm(x), y).backward()           # train as usual
 >>> print(fxcompress.explain(cm))          # what was saved, and how
 """
-from . import visualize
-from .api import CompressedModule, compile, explain, learning_indicator
-from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule
-from .errors import (
+import torch
+
+from .errors import UnsupportedError
+
+MIN_TORCH = "2.11"
+
+
+def _require_torch(version: str) -> None:
+    """Refuse a torch older than the oldest fxcompress is tested on, before anything uses its APIs."""
+    if torch.torch_version.TorchVersion(version) < MIN_TORCH:
+        raise UnsupportedError(
+            f"fxcompress needs torch>={MIN_TORCH} (it relies on Inductor's custom_partitioner_fn and the "
+            f"AOTAutograd partition hooks of that release); found torch {version}. "
+            f"Upgrade with: pip install 'torch>={MIN_TORCH}'"
+        )
+
+
+_require_torch(torch.__version__)
+
+from . import visualize  # noqa: E402  (after the version check, which guards their imports)
+from .api import CompressedModule, compile, explain, learning_indicator  # noqa: E402
+from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule  # noqa: E402
+from .errors import (  # noqa: E402
     CaptureError,
     ConfigError,
     FxCompressError,
@@ -16,7 +35,7 @@ from .errors import (
     NotCapturedError,
     UnsupportedError,
 )
-from .ir import Report, ReportRow
+from .ir import Report, ReportRow  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,4 +59,5 @@ __all__ = [
     "InternalError",
     "visualize",
     "__version__",
+    "MIN_TORCH",
 ]

@@ -105,13 +105,17 @@ class CompressedModule(nn.Module):
             if inner is not None:
                 raise inner.with_traceback(inner.__traceback__) from None
             if isinstance(e, torch._dynamo.exc.TorchDynamoException):
-                cause = getattr(e, "inner_exception", None) or e
+                cause = _innermost(e)
                 first = (str(cause).strip().splitlines() or [""])[0]
+                fix = (
+                    "if it is a graph break, allow it with CompressConfig(fullgraph=False); otherwise "
+                    if self.config.fullgraph else ""
+                )
                 raise CaptureError(
                     f"torch.compile could not capture {type(self._orig_mod).__name__}: "
                     f"{type(cause).__name__}: {first}\n"
-                    f"(with fullgraph=False graph breaks are allowed; errors inside the model's own "
-                    f"forward surface here too)"
+                    f"({fix}errors inside the model's own forward surface here too: run the plain "
+                    f"model on the same inputs to see where it fails)"
                 ) from e
             raise
         if not self.capture_log.captures():
@@ -128,6 +132,19 @@ class CompressedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={self.config.describe()}, backend={self.backend.value!r}"
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The root of Dynamo's chain of wrapped exceptions (the model's own error, usually)."""
+    seen = {id(e)}
+    while isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        # NB: Dynamo re-raises some errors while handling them ``from None``: the real one is __context__.
+        nxt = getattr(e, "inner_exception", None) or e.__cause__ or e.__context__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        e = nxt
+    return e
 
 
 def _fxcompress_cause(e: BaseException) -> FxCompressError | None:
@@ -160,7 +177,7 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
 
     Available after the first training-mode forward (capture happens then).
     With ``inputs`` (a batch, as the model's positional arguments) and
-    ``learning_rule="ara"``, the report also shows each substituted layer's
+    ``learning_rule="ara"`` or ``"asa"``, the report also shows each substituted layer's
     learning indicator on that batch (see :func:`learning_indicator`).
     """
     if not isinstance(cm, CompressedModule):
@@ -225,26 +242,34 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
 
 
 def learning_indicator(cm: CompressedModule, *inputs: Any) -> dict[str, float]:
-    """``LI = 1 - ||x - a||^2 / ||x||^2`` per ARA-substituted layer, on one batch.
+    """``LI = 1 - ||x - a||^2 / ||x||^2`` per substituted layer, on one batch.
 
-    ``x`` is the layer's real input, ``a`` the auxiliary activation its weight
-    gradient reads instead; 1 is exact backprop, and above 0 the weight update
-    keeps a descent direction (Woo & Jeon, ICLR 2023). A diagnostic: it runs
-    one extra forward of the plain model in training mode without gradients,
-    and puts the model's buffers (batch-norm running statistics) back after.
+    ``x`` is the layer's real input and ``a`` the auxiliary activation its
+    weight gradient reads instead: under ARA the input of its group's first
+    block, under ASA ``asa_lambda * asa_epsilon * sign(h)`` (the layer's real
+    input being ``h + asa_epsilon * sign(h)``). 1 is exact backprop, and above 0
+    the weight update keeps a descent direction (Woo & Jeon, ICLR 2023). A
+    diagnostic: it runs one extra forward of the plain model in training mode
+    without gradients, and puts the model's buffers (batch-norm running
+    statistics) back after.
     """
     if not isinstance(cm, CompressedModule):
         raise FxCompressError(f"learning_indicator() takes the module fxcompress.compile() returned, got {type(cm).__name__}")
-    subs = [s for cap in cm.capture_log.captures() for s in cap.substitutions if s.aux is not None]
-    if not subs:
+    ara = [s for cap in cm.capture_log.captures() for s in cap.substitutions if s.aux is not None]
+    asa = [s.layer for s in cm.asa_substitutions or () if s.aux is not None]
+    if not ara and not asa:
         return {}
     model = cm.module
     modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
     hooks = []
-    for name in {s.layer for s in subs} | {s.aux_layer for s in subs}:
+    for name in {s.layer for s in ara} | {s.aux_layer for s in ara} | set(asa):
         if name not in modules:
-            raise FxCompressError(f"learning_indicator(): layer {name!r} of the captured graph is not a submodule of the model")
+            raise FxCompressError(
+                f"learning_indicator(): layer {name!r} of the captured graph is not a submodule of the "
+                f"model; the model's modules changed after capture: call it on the model as it was "
+                f"compiled, or compile the changed model again with fxcompress.compile()"
+            )
         hooks.append(modules[name].register_forward_pre_hook(
             lambda mod, args, name=name: seen.__setitem__(name, args[0].detach().float())))
     try:
@@ -253,11 +278,13 @@ def learning_indicator(cm: CompressedModule, *inputs: Any) -> dict[str, float]:
     finally:
         for h in hooks:
             h.remove()
-    out = {}
-    for s in subs:
-        x, a = seen[s.layer], seen[s.aux_layer]
-        out[s.layer] = float(1 - (x - a).pow(2).sum() / x.pow(2).sum())
-    return out
+    pairs = {s.layer: (seen[s.layer], seen[s.aux_layer]) for s in ara}
+    eps, lam = cm.config.asa_epsilon, cm.config.asa_lambda
+    for name in asa:
+        h = seen[name]
+        s = (h > 0).float() if modules[name].forward.asa_nonneg else torch.where(h > 0, 1.0, -1.0)
+        pairs[name] = (h + eps * s, lam * eps * s)
+    return {name: float(1 - (x - a).pow(2).sum() / x.pow(2).sum()) for name, (x, a) in pairs.items()}
 
 
 def codec_label(cap, index: int) -> str:

@@ -61,11 +61,17 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise CliError(f"cannot import {module_name!r} (from {spec!r}): {e}") from None
+        raise CliError(
+            f"cannot import {module_name!r} (from {spec!r}): {e}; install it or add its directory to "
+            f"PYTHONPATH, or give another MODULE:FACTORY, e.g. torchvision.models:resnet18"
+        ) from None
     factory = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            raise CliError(f"{module_name!r} has no attribute {attr!r} (from {spec!r})")
+            raise CliError(
+                f"{module_name!r} has no attribute {attr!r} (from {spec!r}); after the colon give the name "
+                f"of a model class or factory function defined in {module_name}"
+            )
         factory = getattr(factory, part)
     if not callable(factory):
         raise CliError(f"{spec!r} is not callable; give a model class or a function returning an nn.Module")
@@ -103,7 +109,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         skipped = [c for c in codecs if c in BLPA_BITS]
         codecs = [c for c in codecs if c not in BLPA_BITS]
         _progress(f"skipping {', '.join(c.value for c in skipped)}: BLPA needs --backend eager")
+    if args.steps < 1:
+        raise CliError(f"--steps {args.steps} is not accepted; use an int >= 1")
     shown = Codec(args.report) if args.report else codecs[-1]
+    if shown not in codecs:
+        raise CliError(f"--report {shown.value} is not among the codecs run ({', '.join(c.value for c in codecs)}); "
+                       f"add it to --codecs or leave --report out")
     for factory in (ResidualCNN, TinyTransformer):
         summary, details = [], None
         for codec in codecs:
@@ -133,14 +144,28 @@ def _capture(args: argparse.Namespace):
     factory = load_factory(args.model)
     inputs = [parse_input(s) for s in args.input]
     _progress(f"building {args.model}")
-    model = factory()
+    try:
+        model = factory()
+    except TypeError as e:
+        raise CliError(f"{args.model!r} cannot be called without arguments ({e}); give a model class or "
+                       f"a function that builds the model with no arguments, e.g. a small module of your own") from None
     if not isinstance(model, nn.Module):
-        raise CliError(f"{args.model!r} returned {type(model).__name__}, not an nn.Module")
+        raise CliError(
+            f"{args.model!r} returned {type(model).__name__}, not an nn.Module; give a model class or a "
+            f"function that returns a torch.nn.Module"
+        )
     cm = api.compile(model, CompressConfig(codec=args.codec), backend=args.backend)
     cm.train()
     _progress(f"capturing one training step ({args.backend} backend)")
     t0 = time.perf_counter()
-    out = cm(*inputs)
+    try:
+        out = cm(*inputs)
+    except FxCompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own error, reported with the inputs that caused it
+        shapes = ", ".join(args.input)
+        raise CliError(f"{args.model} failed on --input {shapes}: {type(e).__name__}: {e}; give one --input "
+                       f"per positional argument of its forward, with the shapes it expects") from None
     _loss(out if isinstance(out, torch.Tensor) else out[0]).backward()
     _progress(f"captured in {time.perf_counter() - t0:.1f}s")
     return cm

@@ -119,9 +119,10 @@ class CompressConfig:
             ``asa_lambda * (asa_epsilon * sign(h))^T delta``. Defaults 0.01
             and 100 (the paper's).
         asa_layers: which linear layers ASA changes: ``"after_activation"``
-            (default: every ``nn.Linear``, or GPT-2 ``Conv1D``, whose input is
-            an activation's output, possibly through dropout: the FFN's
-            second linear, the paper's ASA1), or a tuple of ``fnmatch``
+            (default: every ``nn.Linear``, GPT-2 ``Conv1D`` or 1x1, stride-1,
+            ungrouped ``nn.Conv2d`` whose input is an activation's output,
+            possibly through dropout: the FFN's second linear, the paper's
+            ASA1), or a tuple of ``fnmatch``
             patterns of module paths (e.g. ``("*.mlp.c_fc", "*.mlp.c_proj")``
             for ASA2 on GPT-2).
     """

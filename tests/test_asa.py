@@ -128,3 +128,58 @@ def test_compiling_an_asa_model_again_keeps_its_layers():
         assert [s.layer for s in fxcompress.explain(step.module).substitutions if s.aux is not None] == ["fc2"]
     for k, g in first.grads.items():
         torch.testing.assert_close(again.grads[k], g)
+
+
+class ConvMixer(nn.Module):
+    """A 3x3 conv, ReLU, then a 1x1 conv (the pointwise half of a ConvMixer / bottleneck block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.point = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 1)
+        self.strided = nn.Conv2d(6, 4, 1, stride=2)  # fed by no activation, and strided: never ASA
+
+    def forward(self, x):
+        return self.strided(self.point(self.act(self.conv(x))))
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_asa_on_a_1x1_convolution_matches_the_rule(backend):
+    torch.manual_seed(0)
+    model, x = ConvMixer(), torch.randn(4, 3, 6, 6)
+    h = model.act(model.conv(x)).detach()
+    s = torch.sign(h)
+    xr = x.clone().requires_grad_()
+    y_mid = F.conv2d(model.act(model.conv(xr)) + EPS * s, model.point.weight, model.point.bias)
+    y_mid.retain_grad()
+    model.strided(y_mid).pow(2).mean().backward()
+    delta = y_mid.grad
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    xa = x.clone().requires_grad_()
+    step = train_step(model, xa, _asa(backend=backend))
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xr.grad, **tol)  # exact input gradient
+    expected = LAM * EPS * torch.einsum("nohw,nihw->oi", delta, s)[..., None, None]
+    torch.testing.assert_close(step.grads["point.weight"], expected, **tol)
+    for name in ("point.bias", "conv.weight", "conv.bias", "strided.weight", "strided.bias"):
+        torch.testing.assert_close(step.grads[name], ref[name], **tol)
+    report = fxcompress.explain(step.module)
+    assert [s.layer for s in report.substitutions if s.aux is not None] == ["point"]
+    model.eval()
+    with torch.no_grad():  # the forward change holds in eval too
+        torch.testing.assert_close(model(x), model.strided(y_mid).detach(), **tol)
+
+
+def test_asa_learning_indicator_matches_its_definition():
+    torch.manual_seed(0)
+    model, x = FFN(), torch.randn(32, 16)
+    step = train_step(model, x, _asa())
+    li = fxcompress.learning_indicator(step.module, x)
+    with torch.no_grad():
+        h = model.act(model.fc1(x))
+    s = torch.where(h > 0, 1.0, -1.0)
+    real, aux = h + EPS * s, LAM * EPS * s
+    assert li.keys() == {"fc2"}
+    assert li["fc2"] == pytest.approx(float(1 - (real - aux).pow(2).sum() / real.pow(2).sum()), rel=1e-5)
+    assert fxcompress.explain(step.module, inputs=(x,)).learning_indicator == li

@@ -15,7 +15,7 @@ def run(*args, timeout=600):
 
 
 def test_demo_runs_end_to_end():
-    out = run("demo", "--steps", "2", "--report", "int4")
+    out = run("demo", "--steps", "1", "--report", "int4")
     assert out.returncode == 0, out.stderr[-3000:]
     codecs = sorted(c.value for c in IMPLEMENTED_CODECS)
     for model in ("ResidualCNN", "TinyTransformer"):
@@ -24,7 +24,7 @@ def test_demo_runs_end_to_end():
             assert f"\n{codec} " in table, f"{model}: no summary row for {codec}"
     assert out.stdout.count("per saved tensor, codec=int4:") == 2
     assert out.stdout.count("saved for backward:") == 2
-    assert "compile + step 1/2" in out.stderr  # progress is shown
+    assert "compile + step 1/1" in out.stderr  # progress is shown
 
 
 def test_explain_a_factory_with_float_and_token_inputs():
@@ -36,28 +36,12 @@ def test_explain_a_factory_with_float_and_token_inputs():
     assert "codec='none'" in out.stdout
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["explain", "no_such_module:f", "--input", "2x3"], "cannot import 'no_such_module'"),
-        (["explain", "fxcompress.models:Nope", "--input", "2x3"], "has no attribute 'Nope'"),
-        (["explain", "fxcompress.models", "--input", "2x3"], "use MODULE:FACTORY"),
-        (["explain", "fxcompress.models:MLP", "--input", "2xabc"], "accepted forms"),
-        (["explain", "fxcompress.models:MLP", "--input", "int:2x3"], "accepted forms"),
-        (["explain", "fxcompress.models:MLP", "--input", "16x64", "--codec", "blpa4", "--backend", "inductor"],
-         "needs backend='eager'"),
-    ],
-)
-def test_bad_arguments_fail_cleanly(args, message):
-    out = run(*args)
+def test_bad_arguments_fail_cleanly():
+    # one real process for the entry point's exit status; tests/test_errors.py checks every message in-process
+    out = run("explain", "no_such_module:f", "--input", "2x3")
     assert out.returncode == 2
-    assert message in out.stderr
+    assert "fxcompress: error: cannot import 'no_such_module'" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def test_unknown_codec_is_rejected_by_the_parser():
-    out = run("explain", "fxcompress.models:MLP", "--input", "2x64", "--codec", "int3")
-    assert out.returncode == 2 and "invalid choice: 'int3'" in out.stderr
 
 
 def test_parse_input_and_load_factory():

@@ -62,3 +62,16 @@ def test_explain_before_capture_and_on_wrong_type():
         fxcompress.explain(cm)
     with pytest.raises(fxcompress.FxCompressError, match="fxcompress.compile"):
         fxcompress.explain(nn.Linear(2, 2))
+
+
+def test_older_torch_is_refused_at_import_with_the_fix():
+    import subprocess
+    import sys
+
+    code = "import torch; torch.__version__ = '2.10.0+cpu'; import fxcompress"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "UnsupportedError" in done.stderr
+    assert "needs torch>=2.11" in done.stderr and "found torch 2.10.0+cpu" in done.stderr
+    assert "pip install 'torch>=2.11'" in done.stderr
+    assert fxcompress.MIN_TORCH == "2.11"

@@ -44,6 +44,33 @@ def test_low_precision_activations_are_compressed_not_skipped(dtype):
     assert len(rows) >= 4 and all(r.bytes_after < r.bytes_before for r in rows), rows
 
 
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_with_stochastic_rounding_is_close_and_reproducible(backend, dtype):
+    """bf16/fp16 autocast on both backends: the low-precision activations are quantized, the
+    gradients stay close to exact training under the same autocast, and with one seed
+    stochastic rounding gives the same gradients run to run (another seed: others)."""
+    model, x = make_model("mlp")
+    _no_dropout(model)
+
+    def step(run, seed):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with torch.autocast("cpu", dtype=dtype):
+            out = run(x)
+        out.float().pow(2).mean().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact = step(model, 0)
+    cm = compressed("int4", backend)(model)
+    first, again, other = step(cm, 5), step(cm, 5), step(cm, 6)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert torch.nn.functional.cosine_similarity(first, exact, dim=0) > 0.99
+    name = str(dtype).removeprefix("torch.")
+    assert any(r.dtype == name and r.codec.startswith("int4") for r in fxcompress.explain(cm).rows)
+
+
 @pytest.mark.parametrize("codec", ["lossless", "int4"])
 def test_retain_graph_second_backward_repeats_the_first(codec):
     model, x = make_model("mlp")

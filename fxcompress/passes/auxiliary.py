@@ -25,6 +25,7 @@ import re
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..codecs.uses import view_root
 from ..errors import ConfigError
@@ -198,32 +199,38 @@ class _ASA(torch.autograd.Function):
 
     ``s = sign(h)`` from one bit: ``h > 0`` as 1/0 after a non-negative activation
     (ReLU, where it equals ``sign(h)`` exactly), else ``+1``/``-1`` (``sign(0)`` taken as -1).
-    ``transposed`` is the layer's weight layout: ``False`` for ``nn.Linear``
-    (``y = x W^T + b``), ``True`` for GPT-2's ``Conv1D`` (``y = x W + b``).
+    ``kind`` is the layer's weight layout: ``"linear"`` for ``nn.Linear`` (``y = x W^T + b``),
+    ``"conv1d"`` for GPT-2's ``Conv1D`` (``y = x W + b``), ``"conv1x1"`` for a 1x1 ``nn.Conv2d``
+    (a linear layer over the channel dimension at every pixel).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, transposed: bool, nonneg: bool, eps: float, lam: float):
+    def forward(ctx, h, weight, bias, kind: str, nonneg: bool, eps: float, lam: float):
         positive = h > 0
-        s = _sign(positive, nonneg, h.dtype)
-        x = h + eps * s
-        y = x @ weight if transposed else x @ weight.t()
-        if bias is not None:
-            y = y + bias
+        x = h + eps * _sign(positive, nonneg, h.dtype)
+        if kind == "conv1x1":
+            y = F.conv2d(x, weight, bias)
+        else:
+            y = x @ weight if kind == "conv1d" else x @ weight.t()
+            if bias is not None:
+                y = y + bias
         ctx.save_for_backward(positive, weight)
-        ctx.config = (transposed, nonneg, eps, lam, bias is not None)
+        ctx.config = (kind, nonneg, eps, lam, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         positive, weight = ctx.saved_tensors
-        transposed, nonneg, eps, lam, has_bias = ctx.config
-        dh = dy @ weight.t() if transposed else dy @ weight  # exact: dx/dh = 1
-        s = _sign(positive, nonneg, dy.dtype).flatten(0, -2)
-        d2 = dy.flatten(0, -2)
-        dw = (s.t() @ d2 if transposed else d2.t() @ s) * (lam * eps)
-        db = d2.sum(0) if has_bias else None
-        return dh, dw, db, None, None, None, None
+        kind, nonneg, eps, lam, has_bias = ctx.config
+        s = _sign(positive, nonneg, dy.dtype)
+        if kind == "conv1x1":  # exact: dx/dh = 1
+            dh = F.conv2d(dy, weight.transpose(0, 1))
+            dw = torch.einsum("nohw,nihw->oi", dy, s)[..., None, None] * (lam * eps)
+            return dh, dw, dy.sum((0, 2, 3)) if has_bias else None, None, None, None, None
+        dh = dy @ weight.t() if kind == "conv1d" else dy @ weight
+        s, d2 = s.flatten(0, -2), dy.flatten(0, -2)
+        dw = (s.t() @ d2 if kind == "conv1d" else d2.t() @ s) * (lam * eps)
+        return dh, dw, d2.sum(0) if has_bias else None, None, None, None, None
 
 
 def _sign(positive: torch.Tensor, nonneg: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -231,11 +238,26 @@ def _sign(positive: torch.Tensor, nonneg: bool, dtype: torch.dtype) -> torch.Ten
     return s if nonneg else 2 * s - 1
 
 
-def asa_forward(module: torch.nn.Module, transposed: bool, nonneg: bool, eps: float, lam: float):
-    """A replacement ``forward`` for ``module`` (``nn.Linear`` or GPT-2's ``Conv1D``) under ASA."""
+def asa_kind(module: torch.nn.Module) -> str | None:
+    """``_ASA``'s layout for ``module``, or ``None`` when ASA cannot change it."""
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return "conv1d"
+    if (
+        isinstance(module, torch.nn.Conv2d)
+        and module.kernel_size == (1, 1) and module.stride == (1, 1) and module.dilation == (1, 1)
+        and module.groups == 1 and module.padding in ((0, 0), "valid")
+    ):
+        return "conv1x1"
+    return None
+
+
+def asa_forward(module: torch.nn.Module, kind: str, nonneg: bool, eps: float, lam: float):
+    """A replacement ``forward`` for ``module`` (see :func:`asa_kind`) under ASA."""
 
     def forward(h):
-        return _ASA.apply(h, module.weight, module.bias, transposed, nonneg, eps, lam)
+        return _ASA.apply(h, module.weight, module.bias, kind, nonneg, eps, lam)
 
     forward.asa_nonneg = nonneg  # NB: marks the module as changed (a second compile must see it)
     return forward
@@ -249,7 +271,7 @@ def find_asa_layers(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
     param_owner = {}
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if _is_asa_layer(m) and isinstance(w, torch.nn.Parameter) and w.dim() == 2:
+        if asa_kind(m) and isinstance(w, torch.nn.Parameter):
             param_owner[id(w)] = name
     found: dict[str, str] = {}
 
@@ -272,7 +294,7 @@ def find_asa_layers(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
                 self.mark(out, name)
             elif name in ("dropout", "view", "reshape") and isinstance(first, torch.Tensor) and id(first) in self.activation_of:
                 self.mark(out, self.activation_of[id(first)])
-            elif name == "linear" and len(fargs) >= 2:
+            elif name in ("linear", "conv2d") and len(fargs) >= 2:
                 self._check(fargs[0], fargs[1])
             elif name == "addmm" and len(fargs) >= 3:
                 self._check(fargs[1], fargs[2])
@@ -316,14 +338,10 @@ def buffers_restored(model: torch.nn.Module):
                 v.copy_(saved[k])
 
 
-def _is_asa_layer(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def apply_asa(model: torch.nn.Module, config, args: tuple, kwargs: dict) -> tuple[Substitution, ...]:
     """Give the chosen linear layers of ``model`` the ASA forward (in train and eval alike)."""
     fed_by = find_asa_layers(model, args, kwargs)
-    linear = {n: m for n, m in model.named_modules() if _is_asa_layer(m)}
+    linear = {n: m for n, m in model.named_modules() if asa_kind(m)}
     for name, module in linear.items():  # changed by an earlier compile: its probe sees no linear call
         if hasattr(module.forward, "asa_nonneg"):
             fed_by.setdefault(name, "ReLU" if module.forward.asa_nonneg else "activation")
@@ -339,12 +357,12 @@ def apply_asa(model: torch.nn.Module, config, args: tuple, kwargs: dict) -> tupl
             subs.append(Substitution("-", name, "input", None, None, f"kept: {why_not}"))
             continue
         act = fed_by.get(name)
-        module.forward = asa_forward(module, type(module).__name__ == "Conv1D", act in _NONNEG,
+        module.forward = asa_forward(module, asa_kind(module), act in _NONNEG,
                                      config.asa_epsilon, config.asa_lambda)
         source = f"{act} output" if act else "input"
         subs.append(Substitution("-", name, source, "sign (1 bit)", None,
                                  f"forward {source} + {config.asa_epsilon:g}*sign; weight gradient "
                                  f"{config.asa_lambda:g}*({config.asa_epsilon:g}*sign)^T delta"))
     if not linear:
-        subs.append(Substitution("-", "-", "-", None, None, "no linear layer found: plain backprop"))
+        subs.append(Substitution("-", "-", "-", None, None, "no linear layer or 1x1 convolution found: plain backprop"))
     return tuple(subs)

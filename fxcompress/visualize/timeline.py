@@ -57,7 +57,10 @@ def timeline_dot(cm: "CompressedModule", *, max_lanes: int = 40, buckets: int = 
     """The DOT text of :func:`timeline`."""
     captures = cm.capture_log.captures()
     if not captures:
-        raise NotCapturedError("nothing captured yet: run one training-mode forward first, then draw the timeline")
+        raise NotCapturedError(
+            "nothing captured yet: run one training-mode forward (model.train(), grad enabled) through the "
+            "compiled module, then draw the timeline"
+        )
     lines = [
         "digraph fxcompress_timeline {",
         '  graph [rankdir=TB, fontname="Helvetica", labelloc=t, '
@@ -104,15 +107,24 @@ def timeline(cm: "CompressedModule", path: str, *, max_lanes: int = 40, buckets:
             stacklevel=2,
         )
         return dot_path
-    subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(out)], check=True, capture_output=True)
+    done = subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise FxCompressError(
+            f"Graphviz's dot could not render {dot_path} as {fmt} (exit {done.returncode}): "
+            f"{done.stderr.strip()[:500]}; the DOT file is kept: try another format (.svg), or render it "
+            f"by hand with 'dot -T{fmt} {dot_path} -o {out}'"
+        )
     return out
 
 
 def output_format(path: str) -> str:
-    """``svg`` for ``step.svg``; :class:`FxCompressError` for a suffix the timeline cannot write."""
+    """``svg`` for ``step.svg``; :class:`FxCompressError` for a path the timeline cannot write."""
     suffix = pathlib.Path(path).suffix
     if suffix.lower() not in (".dot", ".svg", ".png", ".pdf"):
         raise FxCompressError(f"timeline path {path!r}: unknown format {suffix!r}; use .dot, .svg, .png or .pdf")
+    folder = pathlib.Path(path).parent
+    if not folder.is_dir():
+        raise FxCompressError(f"timeline path {path!r}: folder {str(folder)!r} does not exist; create it first")
     return suffix.lstrip(".").lower()
 
 
