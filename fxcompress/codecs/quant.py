@@ -11,7 +11,13 @@ one outlier costs precision only in its group.
     x'   = lo + code * scale
 
 Deterministic rounding errs by at most ``scale / 2`` per element; stochastic
-rounding by less than ``scale`` and is unbiased (``E[x'] = x``). With
+rounding by less than ``scale`` and is unbiased (``E[x'] = x``). The
+stochastic ``u`` takes one uniform draw ``r`` per group, spread over the
+group's elements by the golden-ratio (Weyl) sequence ``u_i = frac(r + i*phi)``:
+each ``u_i`` is uniform on [0, 1) by itself, so every element is rounded
+without bias, and the group's ``u_i`` are evenly spread (stratified), so the
+errors of nearby equal values cancel instead of adding up; and it costs a
+multiply-add per element where a per-element draw runs a random generator. With
 ``g = ceil(n / G)`` groups, bytes: ``g * G * b / 8`` for the codes plus
 ``8 * g`` (``lo`` and ``scale`` in fp32).
 
@@ -58,10 +64,26 @@ def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
     return layout.unflatten(flat.to(layout.dtype))
 
 
-def _poison_nonfinite(g: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``param`` per group, NaN where the group holds a NaN or an inf."""
-    finite = torch.isfinite(g).all(dim=1, keepdim=True)
+def _poison_nonfinite(param: torch.Tensor, *extremes: torch.Tensor) -> torch.Tensor:
+    """``param`` per group, NaN where the group holds a NaN or an inf.
+
+    ``extremes`` are per-group min/max (or max-abs): those reductions propagate NaN
+    and reach ±inf whenever the group holds one, so no second pass over the group.
+    """
+    finite = torch.isfinite(extremes[0])
+    for e in extremes[1:]:
+        finite = finite & torch.isfinite(e)
     return torch.where(finite, param, torch.full_like(param, math.nan))
+
+
+_PHI = (math.sqrt(5) - 1) / 2  # frac of the golden ratio: i * phi mod 1 spreads evenly over [0, 1)
+
+
+def _dither(g: torch.Tensor) -> torch.Tensor:
+    """Stochastic rounding's ``u`` for ``(n_groups, G)`` groups: ``frac(r + i * phi)``, one draw ``r`` per group."""
+    r = torch.rand(g.shape[0], 1, device=g.device)
+    u = r + torch.arange(g.shape[1], device=g.device, dtype=torch.float32) * _PHI
+    return u - u.floor()  # NB: exact in fp32 (Sterbenz), so u < 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +105,20 @@ class GroupAffine(Codec):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g = _groups(self.layout, x, self.group)
-        lo = g.amin(dim=1, keepdim=True)
-        scale = self._scale(g, lo)
+        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+        scale = self._scale(lo, hi)
         # NB: halves, so that hi - lo cannot overflow for huge values of both signs
         v = (g * 0.5 - lo * 0.5) * (2.0 / scale)
-        v = v + (torch.rand_like(v) if self.stochastic else 0.5)
+        v = v + (_dither(g) if self.stochastic else 0.5)
         codes = v.floor().clamp(0, self.levels).to(torch.uint8)
-        return pack_codes(codes.view(-1), self.bits), _poison_nonfinite(g, lo), scale
+        return pack_codes(codes.view(-1), self.bits), _poison_nonfinite(lo, lo, hi), scale
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         codes = unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group)
         return _ungroup(self.layout, (codes.float() * (scale * 0.5) + lo * 0.5) * 2.0)
 
-    def _scale(self, g: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        half_range = g.amax(dim=1, keepdim=True) * 0.5 - lo * 0.5
+    def _scale(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        half_range = hi * 0.5 - lo * 0.5
         return (half_range * (2.0 / self.levels)).clamp_min(_MIN_SCALE)
 
     def nbytes(self) -> int:
@@ -107,7 +129,7 @@ class GroupAffine(Codec):
         """Per-element bound on ``|x' - x|`` (before the cast back to ``x``'s dtype): one step
         (stochastic) or half a step (nearest), plus fp32 rounding in the code arithmetic."""
         g = _groups(self.layout, x, self.group)
-        scale = self._scale(g, g.amin(dim=1, keepdim=True))
+        scale = self._scale(g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True))
         eps = torch.finfo(torch.float32).eps
         bound = (scale if self.stochastic else scale / 2) * (1 + 4 * self.levels * eps) + g.abs() * (4 * eps)
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
@@ -128,14 +150,15 @@ class GroupFP8(Codec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = FP8_FORMATS[self.fmt]
         g = _groups(self.layout, x, self.group)
-        scale = self._scale(g)
-        return (g * (1.0 / scale)).to(dtype), _poison_nonfinite(g, scale)
+        amax = g.abs().amax(dim=1, keepdim=True)
+        scale = self._scale(amax)
+        return (g * (1.0 / scale)).to(dtype), _poison_nonfinite(scale, amax)
 
     def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, q.float() * scale)
 
-    def _scale(self, g: torch.Tensor) -> torch.Tensor:
-        return (g.abs().amax(dim=1, keepdim=True) / torch.finfo(FP8_FORMATS[self.fmt]).max).clamp_min(_MIN_SCALE)
+    def _scale(self, amax: torch.Tensor) -> torch.Tensor:
+        return (amax / torch.finfo(FP8_FORMATS[self.fmt]).max).clamp_min(_MIN_SCALE)
 
     def nbytes(self) -> int:
         g = -(-self.layout.numel // self.group)
@@ -145,7 +168,7 @@ class GroupFP8(Codec):
         """Per-element bound: half an fp8 ulp of ``x / s`` (relative) plus the subnormal step, times ``s``."""
         info = torch.finfo(FP8_FORMATS[self.fmt])
         g = _groups(self.layout, x, self.group)
-        scale = self._scale(g)
+        scale = self._scale(g.abs().amax(dim=1, keepdim=True))
         bound = g.abs() * (info.eps / 2) + scale * (info.smallest_normal * info.eps / 2)
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
 
