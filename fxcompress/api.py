@@ -218,6 +218,7 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
                     bytes_after=bytes_after,
                     reason=decision.reason,
                     counted=not saved.is_graph_input,
+                    module=saved.module,
                 )
             )
     notes = []

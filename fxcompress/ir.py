@@ -24,6 +24,22 @@ __all__ = ["META_KEY", "SavedTensor", "Program", "Decision", "CodecPlan", "Repor
 META_KEY = "fxcompress"
 
 
+def module_path(node: fx.Node) -> str:
+    """Path of the innermost module that made ``node`` (``stage1.0.conv1``), or ``""`` if none did.
+
+    Read from Dynamo's ``nn_module_stack`` (forward nodes) or AOTAutograd's
+    ``fwd_nn_module_stack`` (backward nodes), without Dynamo's ``L['self']`` prefix.
+    """
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
 def tensor_nbytes(val: torch.Tensor) -> int:
     """Bytes a dense tensor of this shape and dtype occupies."""
     return int(val.numel()) * val.element_size()
@@ -57,6 +73,11 @@ class SavedTensor:
     @property
     def name(self) -> str:
         return self.fw_node.name
+
+    @property
+    def module(self) -> str:
+        """Path of the module whose forward made it (``""`` for graph inputs and glue code)."""
+        return module_path(self.fw_node)
 
     @property
     def own_bytes(self) -> int:
@@ -129,6 +150,7 @@ class ReportRow:
     bytes_after: int
     reason: str
     counted: bool  # False for graph inputs: their owner keeps them alive anyway
+    module: str = ""  # path of the module that made it, e.g. "stage1.0.conv1"
 
 
 @dataclasses.dataclass(frozen=True)

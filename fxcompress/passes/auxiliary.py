@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..codecs.uses import view_root
 from ..errors import ConfigError
-from ..ir import Program
+from ..ir import Program, module_path
 
 __all__ = ["Substitution", "apply_ara", "apply_asa", "buffers_restored", "residual_chains"]
 
@@ -164,14 +164,7 @@ def _conv_readers(fw: fx.Graph) -> dict[fx.Node, str]:
 
 
 def _layer(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
-    if not stack:
-        return node.name
-    path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            return path[len(prefix):] or node.name
-    return path
+    return module_path(node) or node.name
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:

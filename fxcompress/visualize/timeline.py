@@ -128,14 +128,6 @@ def output_format(path: str) -> str:
     return suffix.lstrip(".").lower()
 
 
-def _module_path(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    key = list(stack.values())[-1][0]
-    return key.replace("L['self'].", "").replace("L['self']", "")
-
-
 def _saved_lanes(cap, program, live: Liveness, which: str) -> list[_Lane]:
     from ..api import codec_label  # NB: api imports the passes this module builds on
 
@@ -146,7 +138,7 @@ def _saved_lanes(cap, program, live: Liveness, which: str) -> list[_Lane]:
             continue
         src = cap.original.saved[s.source] if s.source is not None else s
         codec = "none" if which == "before" else codec_label(cap, src.index)
-        module = _module_path(src.fw_node)
+        module = src.module
         label = f"{module}  {src.name}" if module else src.name
         lane = lanes.setdefault(label, _Lane(label, _family(codec), 0, [], module))
         lane.nbytes += s.nbytes
