@@ -1,17 +1,19 @@
-"""Shared benchmark plumbing: models, one measured training run, results files.
+"""Shared benchmark plumbing: the workloads, one measured training run, results files.
 
 Every number comes from ``measure()``: warm-up steps (the first compiles and
-is timed as compile time), then timed steps with CUDA events (on the GPU) or
-``perf_counter`` (CPU smoke runs), and the step's memory: ``steady`` is what
-is allocated before a step (weights, optimizer state), ``activation`` is the
-step's peak minus steady.
+is timed as compile time), then timed steps, each between two CUDA events on
+the GPU (``perf_counter`` in CPU smoke runs), reported as the median step;
+and the step's memory: ``steady`` is what is allocated before a step (weights,
+optimizer state, the batch), ``activation`` is the step's peak minus steady.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import platform
+import statistics
 import time
 from typing import Callable
 
@@ -21,8 +23,81 @@ import torch.nn as nn
 GiB = 1024**3
 
 
-def build(name: str, device: str, batch: int | None):
-    """(model, inputs, loss_fn) for a benchmark model name."""
+@dataclasses.dataclass
+class Workload:
+    """One benchmark model with its batch and loss, and what the baselines need of it.
+
+    ``blocks`` lists ``(parent, attribute)`` of each repeated block (the unit of
+    per-block checkpointing); ``asa_layers`` maps the paper's ASA levels (1: FFN
+    second linear, 2: both FFN linears, 3: + attention output, 4: + Q/K/V) to
+    ``fnmatch`` patterns of module paths; ``ara_stride`` is the paper's stride.
+    """
+
+    model: nn.Module
+    inputs: tuple
+    loss_fn: Callable
+    items: int  # images or tokens per step
+    batch: int
+    blocks: list[tuple[nn.Module, str]] = dataclasses.field(default_factory=list)
+    asa_layers: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    ara_stride: int | tuple[int, ...] = 2
+    hf: bool = False  # a transformers model: checkpointing through gradient_checkpointing_enable()
+
+
+def compress_config(spec: str, ara_stride: int | tuple[int, ...] = 2,
+                    asa_layers: dict[int, tuple[str, ...]] | None = None):
+    """The ``CompressConfig`` a benchmark variant names: a codec (``int4``), or a learning rule
+    with an optional codec for what it leaves: ``ara``, ``ara+int4``, ``asa`` (layers fed by an
+    activation), ``asaN`` (the paper's level N, from ``asa_layers``), ``asa2+int8``.
+    """
+    import re
+
+    import fxcompress
+
+    rule, _, codec = spec.partition("+")
+    if rule == "ara":
+        return fxcompress.CompressConfig(codec=codec or "lossless", learning_rule="ara", ara_stride=ara_stride)
+    level = re.fullmatch(r"asa(\d?)", rule)
+    if level:
+        if level[1] and int(level[1]) not in (asa_layers or {}):
+            raise SystemExit(f"{spec!r}: this model has ASA levels {sorted(asa_layers or {})}, not {level[1]}")
+        layers = asa_layers[int(level[1])] if level[1] else "after_activation"
+        return fxcompress.CompressConfig(codec=codec or "lossless", learning_rule="asa", asa_layers=layers)
+    if codec:
+        raise SystemExit(f"{spec!r} is not accepted: only 'ara' and 'asa[N]' take '+CODEC'")
+    return fxcompress.CompressConfig(codec=rule)
+
+
+def _children(seq: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(seq, name) for name, _ in seq.named_children()]
+
+
+class LMLoss(nn.Module):
+    """A language model with its next-token loss inside the compiled forward, as ``model(ids, labels=ids)``.
+
+    NB: computed outside, the fp32 logits copy and log-softmax (1.5 GiB each at 8 x 1024)
+    are eager allocations no captured graph sees; the first H100 run had exactly that gap.
+    """
+
+    def __init__(self, m: nn.Module, logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.m, self._logits = m, logits
+
+    def forward(self, ids):
+        logits = self._logits(self.m, ids)
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def _asa(ffn1: str, ffn2: str, attn_out: str | None, qkv: tuple[str, ...]) -> dict[int, tuple[str, ...]]:
+    levels = {1: (ffn2,), 2: (ffn1, ffn2)}
+    if attn_out:  # torchvision's ViT runs attention through nn.MultiheadAttention's functional path
+        levels[3] = (ffn1, ffn2, attn_out)
+        levels[4] = (ffn1, ffn2, attn_out, *qkv)
+    return levels
+
+
+def build(name: str, device: str, batch: int | None) -> Workload:
+    """The workload of a benchmark model name, on ``device``; ``batch`` overrides the default."""
     if name == "resnet50":
         import torchvision
 
@@ -30,95 +105,114 @@ def build(name: str, device: str, batch: int | None):
         b = batch or 256
         x = torch.randn(b, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (b,), device=device)
-        return model, (x,), lambda out: nn.functional.cross_entropy(out, y), b
-    if name == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
+        blocks = [blk for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for blk in _children(stage)]
+        return Workload(model, (x,), lambda out: nn.functional.cross_entropy(out, y), b, b, blocks,
+                        ara_stride=(3, 4, 2, 2))
+    if name == "vit_b_16":
+        import torchvision
 
-        cfg = GPT2Config(attn_implementation="sdpa")
-        cfg.use_cache = False
-        model = GPT2LMHeadModel(cfg).to(device)
-        b = batch or 8
-        ids = torch.randint(0, cfg.vocab_size, (b, 1024), device=device)
+        model = torchvision.models.vit_b_16().to(device)
+        b = batch or 128
+        x = torch.randn(b, 3, 224, 224, device=device)
+        y = torch.randint(0, 1000, (b,), device=device)
+        return Workload(model, (x,), lambda out: nn.functional.cross_entropy(out, y), b, b,
+                        _children(model.encoder.layers), _asa("*.mlp.0", "*.mlp.3", None, ()))
+    if name in ("gpt2", "bert"):
+        if name == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
 
-        class LM(nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+            cfg = GPT2Config(attn_implementation="sdpa", use_cache=False)
+            hf, b, seq = GPT2LMHeadModel(cfg).to(device), batch or 16, 1024
+            blocks = _children(hf.transformer.h)
+            asa = _asa("*.mlp.c_fc", "*.mlp.c_proj", "*.attn.c_proj", ("*.attn.c_attn",))
+        else:
+            from transformers import BertConfig, BertForMaskedLM
 
-            def forward(self, ids):
-                return self.m(input_ids=ids).logits
-
-        def loss(logits):
-            return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-        return LM(model), (ids,), loss, b * 1024
-    from fxcompress.models import ZOO  # CPU smoke runs of the script itself
+            cfg = BertConfig(attn_implementation="sdpa")
+            hf, b, seq = BertForMaskedLM(cfg).to(device), batch or 32, 512
+            blocks = _children(hf.bert.encoder.layer)
+            # NB: "layer.N.output.dense" is the FFN's second linear, "layer.N.attention.output.dense" is not
+            ffn2 = "*.layer.[0-9].output.dense", "*.layer.[0-9][0-9].output.dense"
+            asa = {1: ffn2, 2: ("*.intermediate.dense", *ffn2)}
+            asa[3] = (*asa[2], "*.attention.output.dense")
+            asa[4] = (*asa[3], "*.attention.self.query", "*.attention.self.key", "*.attention.self.value")
+        ids = torch.randint(0, cfg.vocab_size, (b, seq), device=device)
+        model = LMLoss(hf, lambda m, i: m(input_ids=i).logits)
+        return Workload(model, (ids,), lambda loss: loss, b * seq, b, blocks, asa, hf=True)
+    from fxcompress.models import ZOO, TinyTransformer  # CPU smoke runs of the scripts themselves
 
     torch.manual_seed(0)
     model = ZOO[name]().to(device)
     x = model.example_input(batch or 8).to(device)
-    return model, (x,), lambda out: out.float().pow(2).mean(), x.shape[0]
+    blocks = [blk for attr in ("stage1", "stage2", "blocks") if hasattr(model, attr) for blk in _children(getattr(model, attr))]
+    asa = _asa("*.fc", "*.out", "*.proj", ("*.qkv",)) if isinstance(model, TinyTransformer) else {}
+    return Workload(model, (x,), lambda out: out.float().pow(2).mean(), x.shape[0], x.shape[0], blocks, asa)
 
 
 @dataclasses.dataclass
 class Measurement:
     model: str
     variant: str
+    batch: int
     items_per_s: float
-    step_ms: float
-    compile_s: float
+    step_ms: float  # median of the timed steps
+    compile_s: float  # the first step (it compiles) minus a median step
     steady_gib: float
     peak_gib: float
     activation_gib: float
     reserved_gib: float
     saved_gib_before: float | None = None
     saved_gib_after: float | None = None
+    blocks_saved_gib_before: float | None = None  # the part saved inside the repeated blocks
+    blocks_saved_gib_after: float | None = None
+    notes: str = ""
 
 
-def measure(model_name: str, variant: str, wrap: Callable, device: str, batch: int | None,
-            steps: int, warmup: int, optimizer: str) -> tuple[Measurement, object]:
-    model, inputs, loss_fn, items = build(model_name, device, batch)
-    module = wrap(model)
-    params = list(model.parameters())
-    opt = make_optimizer(params, optimizer)
+def measure(model_name: str, variant: str, wrap: Callable[[Workload], nn.Module], device: str,
+            batch: int | None, steps: int, warmup: int, optimizer: str) -> tuple[Measurement, nn.Module]:
+    work = build(model_name, device, batch)
+    module = wrap(work)
+    opt = make_optimizer(list(work.model.parameters()), optimizer)
     cuda = device.startswith("cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn(module(*inputs))
+            loss = work.loss_fn(module(*work.inputs))
         loss.backward()
         opt.step()
 
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     step()
-    if cuda:
-        torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
+    sync()
+    first_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step()
+    sync()
+    steady = peak = reserved = 0
     if cuda:
-        torch.cuda.synchronize()
         steady = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
         peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
+    times = []
+    for _ in range(steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             step()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / steps
-    else:
-        steady = peak = reserved = 0
-        t1 = time.perf_counter()
-        for _ in range(steps):
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t1 = time.perf_counter()
             step()
-        ms = (time.perf_counter() - t1) * 1000 / steps
+            times.append((time.perf_counter() - t1) * 1000)
+    ms = statistics.median(times)
     m = Measurement(
-        model_name, variant, items / (ms / 1000), ms, compile_s,
+        model_name, variant, work.batch, work.items / (ms / 1000), ms, first_s - ms / 1000,
         steady / GiB, peak / GiB, (peak - steady) / GiB, reserved / GiB,
     )
     return m, module
@@ -129,12 +223,16 @@ def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(params, lr=1e-4)
 
 
-def run_child(cmd: list[str], label: str) -> dict | None:
+def run_child(cmd: list[str], label: str, timeout: float | None = None) -> dict | None:
     """Run one measurement in a fresh process; its ``RESULT {json}`` line, or None (reported) on failure."""
     import subprocess
     import sys
 
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{label} TIMED OUT after {timeout:.0f} s", file=sys.stderr)
+        return None
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         print(f"{label} FAILED:\n{out.stderr[-4000:]}", file=sys.stderr)
@@ -143,16 +241,10 @@ def run_child(cmd: list[str], label: str) -> dict | None:
 
 
 def environment(device: str) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": device}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": device,
+           "date": datetime.date.today().isoformat()}
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     else:
         env["cpu"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     return env
-
-
-def write_results(path: str, command: str, device: str, rows: list[Measurement]) -> None:
-    payload = {"command": command, "environment": environment(device), "results": [dataclasses.asdict(r) for r in rows]}
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")

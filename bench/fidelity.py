@@ -34,8 +34,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fxcompress  # noqa: E402
+from common import compress_config  # noqa: E402
 from fxcompress.models import BasicBlock, TinyTransformer  # noqa: E402
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,18 +73,13 @@ class DigitsResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-# Fidelity variant name -> CompressConfig fields (a plain codec name means just that codec).
-VARIANTS = {
-    "ara": dict(codec="lossless", learning_rule="ara", ara_stride=3),
-    "ara+int4": dict(codec="int4", learning_rule="ara", ara_stride=3),
-    "asa": dict(codec="lossless", learning_rule="asa"),
-    "asa2": dict(codec="lossless", learning_rule="asa", asa_layers=("blocks.*.fc", "blocks.*.out")),
-    "asa2+int8": dict(codec="int8", learning_rule="asa", asa_layers=("blocks.*.fc", "blocks.*.out")),
-}
+# The chars transformer's ASA levels: 1 = the FFN's second linear, 2 = both FFN linears.
+ASA_LAYERS = {1: ("blocks.*.out",), 2: ("blocks.*.fc", "blocks.*.out")}
 
 
 def _config(variant: str) -> fxcompress.CompressConfig:
-    return fxcompress.CompressConfig(**VARIANTS.get(variant, {"codec": variant}))
+    """A codec name, or ``ara``/``ara+int4`` (stride 3), ``asa``/``asa2``/``asa2+int8`` (see the docstring)."""
+    return compress_config(variant, ara_stride=3, asa_layers=ASA_LAYERS)
 
 
 def _digits():

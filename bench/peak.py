@@ -70,14 +70,14 @@ class WithLoss(nn.Module):
 
 def run_one(model_name: str, backend: str, codec: str, device: str) -> PeakRow:
     torch.manual_seed(0)
-    model, inputs, loss_fn, _ = build(model_name, device, BATCH.get(model_name))
-    cm = fxcompress.compile(WithLoss(model, loss_fn), fxcompress.CompressConfig(codec=codec), backend=backend)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    work = build(model_name, device, BATCH.get(model_name))
+    cm = fxcompress.compile(WithLoss(work.model, work.loss_fn), fxcompress.CompressConfig(codec=codec), backend=backend)
+    opt = torch.optim.SGD(work.model.parameters(), lr=1e-4)
     cuda = device.startswith("cuda")
 
     def forward_backward():
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            loss = cm(*inputs)
+            loss = cm(*work.inputs)
         loss.backward()
 
     for _ in range(2):

@@ -58,21 +58,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--variant", default="fxcompress int4")
-    p.add_argument("--backend", choices=["inductor", "eager"], default="inductor", help="for fxcompress variants")
+    p.add_argument("--backend", choices=["inductor", "eager"], help="for fxcompress variants (default: inductor)")
     p.add_argument("--batch", type=int)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out-dir")
     args = p.parse_args()
 
-    model, inputs, loss_fn, _ = build(args.model, "cuda", args.batch)
-    module = wrap_for(args.variant, args.backend)(model)
-    params = list(model.parameters())
-    opt = make_optimizer(params, OPTIMIZER.get(args.model, "adamw"))
+    work = build(args.model, "cuda", args.batch)
+    module = wrap_for(args.variant, args.backend)(work)
+    opt = make_optimizer(list(work.model.parameters()), OPTIMIZER.get(args.model, "adamw"))
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            loss = loss_fn(module(*inputs))
+            loss = work.loss_fn(module(*work.inputs))
         loss.backward()
         opt.step()
 

@@ -7,7 +7,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_results_table_matches_bench_results():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "table.py"), "--check"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 

@@ -1,0 +1,65 @@
+"""The benchmark scripts' own logic: variant names, learning-rule specs, and the README's target verdicts."""
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+import bench_step  # noqa: E402
+import report  # noqa: E402
+from common import compress_config  # noqa: E402
+
+
+def test_specs_name_codecs_and_learning_rules():
+    levels = {1: ("*.out",), 2: ("*.fc", "*.out")}
+    assert compress_config("int4").codec.value == "int4"
+    ara = compress_config("ara+int4", ara_stride=(3, 4, 2, 2))
+    assert (ara.codec.value, ara.learning_rule.value, ara.ara_stride) == ("int4", "ara", (3, 4, 2, 2))
+    asa = compress_config("asa2+int8", asa_layers=levels)
+    assert (asa.codec.value, asa.learning_rule.value, asa.asa_layers) == ("int8", "asa", ("*.fc", "*.out"))
+    assert compress_config("asa").asa_layers == "after_activation"
+    with pytest.raises(SystemExit, match="ASA levels"):
+        compress_config("asa4", asa_layers=levels)
+    with pytest.raises(SystemExit, match="take '\\+CODEC'"):
+        compress_config("int4+int8")
+
+
+def test_variant_sets_expand_and_bad_names_stop_before_any_run():
+    variants = bench_step.expand("resnet50", ["baselines", "fxcompress", "torch.compile"])
+    assert variants[: len(bench_step.BASELINES)] == list(bench_step.BASELINES)
+    assert "fxcompress ara+int4" in variants and "fxcompress blpa4" in variants
+    assert variants.count("torch.compile") == 1
+    assert "fxcompress asa4" in bench_step.expand("gpt2", ["fxcompress"])
+    for name in variants:
+        bench_step.wrap_for(name)
+    with pytest.raises(SystemExit, match="is not accepted"):
+        bench_step.wrap_for("torch.jit")
+
+
+def _row(variant, items, act, **kw):
+    return dict(model=kw.pop("model", "resnet50"), variant=variant, batch=256, items_per_s=items, step_ms=1.0,
+                compile_s=kw.pop("compile_s", 50.0), steady_gib=1.0, peak_gib=act + 1, activation_gib=act,
+                reserved_gib=act + 2, **kw)
+
+
+def test_target_verdicts_say_met_or_missed():
+    rows = [
+        _row("torch.compile", 5600, 10.0),
+        _row("fxcompress int4", 5100, 2.5, compile_s=60.0),  # 4.0x less at 0.91x: met
+        _row("fxcompress int2", 4000, 1.5, compile_s=90.0),  # 6.7x less at 0.71x: missed
+    ]
+    base = {"resnet50": rows[0]}
+    verdicts = report._targets(rows, base)
+    assert any("int4" in v and "4.00×" in v and "**met**" in v for v in verdicts)
+    assert any("int2" in v and "0.71×" in v and "**missed**" in v for v in verdicts)
+    assert any("compile time" in v and "1.80×" in v and "**missed**" in v for v in verdicts)
+    assert report._max_batch(rows[1]) == f"{int(256 * 39 / 2.5):,}"
+
+
+def test_gpt2_target_reads_the_blocks_saved_bytes():
+    rows = [
+        _row("torch.compile", 280000, 10.0, model="gpt2"),
+        _row("fxcompress int8", 260000, 7.0, model="gpt2", blocks_saved_gib_before=8.0, blocks_saved_gib_after=4.0),
+    ]
+    (verdict, *_) = report._targets(rows, {"gpt2": rows[0]})
+    assert "2.00× less saved in the blocks" in verdict and "**met**" in verdict
