@@ -89,10 +89,21 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
-def test_two_hundred_steps_do_not_grow_memory():
+def _gpu_bytes() -> int:
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+@pytest.mark.parametrize("device, backend, measure, limit", [
+    pytest.param("cpu", "eager", _rss_bytes, 16 * 2**20, id="cpu-rss",
+                 marks=pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")),
+    pytest.param("cuda", "inductor", _gpu_bytes, 1, id="cuda-allocated",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_two_hundred_steps_do_not_grow_memory(device, backend, measure, limit):
     model, x = make_model("convnet")
-    cm = compressed("int4")(model)
+    model, x = model.to(device), x.to(device)
+    cm = compressed("int4", backend)(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
@@ -102,8 +113,8 @@ def test_two_hundred_steps_do_not_grow_memory():
 
     for _ in range(20):
         step()
-    start = _rss_bytes()
+    start = measure()
     for _ in range(200):
         step()
-    grown = _rss_bytes() - start
-    assert grown < 16 * 2**20, f"process memory grew {grown / 2**20:.1f} MiB over 200 steps"
+    grown = measure() - start
+    assert grown < limit, f"{device} memory grew {grown / 2**20:.3f} MiB over 200 steps"
