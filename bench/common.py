@@ -99,7 +99,7 @@ def _asa(ffn1: str, ffn2: str, attn_out: str | None, qkv: tuple[str, ...]) -> di
 def build(name: str, device: str, batch: int | None) -> Workload:
     """The workload of a benchmark model name, on ``device``; ``batch`` overrides the default."""
     if name == "resnet50":
-        import torchvision
+        import torchvision.models
 
         model = torchvision.models.resnet50().to(device).to(memory_format=torch.channels_last)
         b = batch or 256
@@ -109,7 +109,7 @@ def build(name: str, device: str, batch: int | None) -> Workload:
         return Workload(model, (x,), lambda out: nn.functional.cross_entropy(out, y), b, b, blocks,
                         ara_stride=(3, 4, 2, 2))
     if name == "vit_b_16":
-        import torchvision
+        import torchvision.models
 
         model = torchvision.models.vit_b_16().to(device)
         b = batch or 128
