@@ -52,7 +52,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import GiB, Measurement, Workload, compress_config, environment, measure, run_child  # noqa: E402
+from common import (  # noqa: E402
+    GiB, Measurement, Workload, compress_config, fxcompress_backend, measure, open_results, put_result, run_child,
+)
 
 BASELINES = ("eager", "torch.compile", "checkpoint", "budget 0.5", "inductor fp8")
 QUANT = ("lossless", "int8", "int4", "int2", "fp8")
@@ -129,8 +131,7 @@ def wrap_for(variant: str, backend: str | None = None):
 
         def with_fxcompress(work):
             config = compress_config(spec, work.ara_stride, work.asa_layers)
-            chosen = backend or ("eager" if config.codec.value.startswith("blpa") else "inductor")
-            return fxcompress.compile(work.model, config, backend=chosen)
+            return fxcompress.compile(work.model, config, backend=backend or fxcompress_backend(config))
 
         return with_fxcompress
     raise SystemExit(
@@ -163,21 +164,6 @@ def run_one(args) -> None:
     print("RESULT " + json.dumps(dataclasses.asdict(m)), flush=True)
 
 
-def _load(path: str | None) -> list[Measurement]:
-    if not path or not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [Measurement(**r) for r in json.load(f)["results"]]
-
-
-def _save(path: str, device: str, rows: list[Measurement], commands: list[str]) -> None:
-    payload = {"commands": commands, "environment": environment(device),
-               "results": [dataclasses.asdict(r) for r in rows]}
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -198,12 +184,8 @@ def main() -> None:
     plan = [(model, v) for model in args.models for v in expand(model, args.variants)]
     for _, v in plan:
         wrap_for(v)  # a bad name stops here, before any run
-    rows = _load(args.out)
-    commands = []
-    if args.out and os.path.exists(args.out):
-        with open(args.out) as f:
-            commands = json.load(f).get("commands", [])
-    commands.append(" ".join([os.path.relpath(__file__)] + sys.argv[1:]))
+    command = " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    data = open_results(args.out, "results", args.device, command)
     for i, (model, variant) in enumerate(plan, 1):
         print(f"[bench {i}/{len(plan)}] {model} / {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
@@ -213,14 +195,13 @@ def main() -> None:
         result = run_child(cmd, f"[bench] {model} / {variant}", args.timeout)
         if result is None:
             continue
+        put_result(args.out, data, "results", result, same=("model", "variant", "batch"))
         new = Measurement(**result)
-        rows = [r for r in rows if (r.model, r.variant, r.batch) != (new.model, new.variant, new.batch)] + [new]
-        if args.out:  # after every variant, so that a run cut short keeps what it measured
-            _save(args.out, args.device, rows, commands)
         print(f"[bench] {model} / {variant}: {new.items_per_s:,.0f}/s, activation {new.activation_gib:.2f} GiB, "
               f"compile {new.compile_s:.0f} s", file=sys.stderr, flush=True)
 
     print(f"\n{'model':<12} {'variant':<26} {'items/s':>10} {'x tc':>6} {'act GiB':>8} {'saved GiB':>14} {'compile s':>9}")
+    rows = [Measurement(**r) for r in data["results"]]
     base = {r.model: r for r in rows if r.variant == "torch.compile"}
     for r in rows:
         rel = r.items_per_s / base[r.model].items_per_s if r.model in base else float("nan")

@@ -248,3 +248,32 @@ def environment(device: str) -> dict:
     else:
         env["cpu"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     return env
+
+
+def fxcompress_backend(config, preferred: str = "inductor") -> str:
+    """The backend a benchmark compiles ``config`` with: BLPA needs ``eager`` (Inductor decomposes
+    batch-norm before fxcompress sees it), everything else runs on ``preferred``."""
+    return "eager" if config.codec.value.startswith("blpa") else preferred
+
+
+def open_results(path: str | None, key: str, device: str, command: str | None) -> dict:
+    """A results file that runs accumulate into: its ``commands`` (``command`` appended),
+    this run's ``environment``, and the rows under ``key`` (empty for a new file)."""
+    data = {"commands": [], key: []}
+    if path and os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    if command:
+        data["commands"].append(command)
+    data["environment"] = environment(device)
+    return data
+
+
+def put_result(path: str | None, data: dict, key: str, row: dict, same: tuple[str, ...]) -> None:
+    """Replace the row of ``data[key]`` equal to ``row`` in the fields ``same`` (or add it), then write
+    the file, after every row, so that a run cut short keeps what it finished."""
+    data[key] = [r for r in data[key] if any(r[f] != row[f] for f in same)] + [row]
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")

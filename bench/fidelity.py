@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fxcompress  # noqa: E402
-from common import compress_config  # noqa: E402
+from common import compress_config, environment  # noqa: E402
 from fxcompress.models import BasicBlock, TinyTransformer  # noqa: E402
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -173,10 +172,9 @@ def main() -> None:
             rows.append({"task": task, "codec": codec, "value": value, "seconds": time.perf_counter() - t0})
             print(f"{task:<18} {codec:<9} {value:8.4f}  ({rows[-1]['seconds']:.0f}s)", flush=True)
     if args.out:
-        env = {"torch": torch.__version__, "device": "cpu", "cpu": f"{platform.machine()} CPU, {os.cpu_count()} cores"}
         cmd = " ".join([os.path.relpath(__file__)] + sys.argv[1:])
         with open(args.out, "w") as f:
-            json.dump({"command": cmd, "environment": env, "fidelity": rows}, f, indent=2)
+            json.dump({"command": cmd, "environment": environment("cpu"), "fidelity": rows}, f, indent=2)
             f.write("\n")
 
 

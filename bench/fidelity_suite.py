@@ -31,7 +31,6 @@ the Inductor backend (BLPA: eager backend); on CPU: fp32 and the eager backend.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -45,7 +44,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import compress_config, environment  # noqa: E402
+from common import compress_config, fxcompress_backend, open_results, put_result  # noqa: E402
 from fidelity import ASA_LAYERS, _digits, _shakespeare  # noqa: E402
 from fxcompress.models import BasicBlock, TinyTransformer  # noqa: E402
 
@@ -70,8 +69,7 @@ class ResNet18(nn.Module):
 
 def _compile(model: nn.Module, variant: str, device: str) -> nn.Module:
     config = compress_config(variant, ara_stride=2, asa_layers=ASA_LAYERS)
-    backend = "inductor" if device.startswith("cuda") and not config.codec.value.startswith("blpa") else "eager"
-    return fxcompress.compile(model, config, backend=backend)
+    return fxcompress.compile(model, config, backend=fxcompress_backend(config, "inductor" if device.startswith("cuda") else "eager"))
 
 
 def _cosine(step: int, total: int, warmup: int, lr: float, lr_min: float) -> float:
@@ -204,17 +202,12 @@ def main() -> None:
     p.add_argument("--plot", help="PNG of the curves of every row in --out")
     args = p.parse_args()
 
-    data = {"commands": [], "environment": environment(args.device), "curves": []}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            data = json.load(f)
-    if args.variants:
-        if args.task is None:
-            raise SystemExit("--variants needs --task")
-        for v in args.variants:
-            compress_config(v, asa_layers=ASA_LAYERS)  # a bad name stops here, before any run
-        data["commands"].append(" ".join([os.path.relpath(__file__)] + sys.argv[1:]))
-        data["environment"] = environment(args.device)
+    if args.variants and args.task is None:
+        raise SystemExit("--variants needs --task")
+    for v in args.variants:
+        compress_config(v, asa_layers=ASA_LAYERS)  # a bad name stops here, before any run
+    command = " ".join([os.path.relpath(__file__)] + sys.argv[1:]) if args.variants else None
+    data = open_results(args.out, "curves", args.device, command)
     for variant in args.variants:
         torch._dynamo.reset()
         t0 = time.perf_counter()
@@ -226,10 +219,7 @@ def main() -> None:
             settings = {"epochs": args.epochs, "width": args.width}
         row = {"task": args.task, "variant": variant, "metric": TASKS[args.task][0], "value": curve[-1][1],
                "curve": curve, "seconds": time.perf_counter() - t0, **settings}
-        data["curves"] = [r for r in data["curves"] if (r["task"], r["variant"]) != (args.task, variant)] + [row]
-        with open(args.out, "w") as f:  # after every variant, so that a run cut short keeps what it finished
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        put_result(args.out, data, "curves", row, same=("task", "variant"))
         print(f"{args.task} {variant}: {row['value']:.4f} ({row['seconds']:.0f} s)", flush=True)
     if args.plot:
         plot(data["curves"], args.plot)
