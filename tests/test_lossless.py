@@ -6,9 +6,12 @@ import fxcompress
 from conftest import ZOO_NAMES, assert_grads_equal, compressed, make_model, train_step
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("name", ZOO_NAMES)
-def test_lossless_gradients_bit_identical_and_fewer_bytes(name):
+def test_lossless_gradients_bit_identical_and_fewer_bytes(name, device):
     model, x = make_model(name)
+    model, x = model.to(device), x.to(device)
     ref = train_step(model, x, compressed("none"))
     got = train_step(model, x, compressed("lossless"))
     assert torch.equal(ref.output, got.output)

@@ -4,7 +4,6 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-import fxcompress
 from fxcompress.codecs.base import Layout
 from fxcompress.codecs.quant import GroupAffine
 from fxcompress.passes import splice as splice_mod
