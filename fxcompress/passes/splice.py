@@ -11,7 +11,7 @@ fake values with the trace's sizes, strides and aliasing.
 """
 from __future__ import annotations
 
-import functools
+import collections
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -116,35 +116,31 @@ def _layout_key(vals: tuple) -> tuple:
     return tuple((tuple(v.shape), tuple(v.stride()), v.dtype, v.device) for v in vals)
 
 
+#: how many codec traces were made, and how often one was reused (read by bench/compile_time.py and the tests)
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
 def _trace(fn, key, vals, decompositions, mode) -> fx.GraphModule:
     # NB: a bound method compares its ``self`` by identity; equal codecs (frozen
-    # dataclasses) must share a trace, so the key holds the codec itself. The
-    # traced nodes' meta["val"] belong to one fake mode, so the mode is in the key too.
+    # dataclasses) must share a trace, so the key holds the codec itself. A trace
+    # belongs to the fake mode it was made in, and a dead mode's id can come back
+    # for a new one (between two compiles it did, and served a stale trace whose
+    # spliced code changed an Inductor result), so the cache lives on the mode
+    # itself and dies with it.
     owner = getattr(fn, "__self__", None)
     fn_key = (getattr(fn, "__func__", fn), owner) if owner is not None else fn
-    keys = (fn_key, key, id(decompositions), id(mode))
-    return _cached_trace(keys, _Box(fn), _Box(vals), _Box(decompositions), _Box(mode))
-
-
-class _Box:
-    """Carries an unhashable value through ``lru_cache`` without taking part in the key."""
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __hash__(self) -> int:
-        return 0
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Box)
-
-
-@functools.lru_cache(maxsize=1024)
-def _cached_trace(keys, fn: _Box, vals: _Box, decompositions: _Box, mode: _Box):
-    with mode.value:
+    keys = (fn_key, key, id(decompositions))
+    cache = mode.__dict__.setdefault("_fxcompress_traces", {})
+    gm = cache.get(keys)
+    if gm is not None:
+        TRACE_COUNTS["reused"] += 1
+        return gm
+    with mode:
         # NB: make_fx counts a bound method's ``self`` as an argument; *args hides it.
-        gm = make_fx(lambda *args: fn.value(*args), decomposition_table=decompositions.value)(*vals.value)
+        gm = make_fx(lambda *args: fn(*args), decomposition_table=decompositions)(*vals)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             raise InternalError(f"codec code captured a constant tensor: {node.format_node()}")
+    cache[keys] = gm
+    TRACE_COUNTS["made"] += 1
     return gm
