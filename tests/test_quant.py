@@ -6,6 +6,7 @@ import torch
 
 import fxcompress
 from fxcompress.codecs import Layout
+from fxcompress.codecs.base import pack_bits, unpack_bits
 from fxcompress.codecs.quant import GroupAffine, GroupFP8, MaskedLossy
 from fxcompress.codecs.uses import Predicate
 from conftest import ZOO_NAMES, compressed, make_model, train_step
@@ -129,6 +130,22 @@ def test_masked_lossy_keeps_the_predicate_exact_and_the_bound(pred, dtype):
     assert torch.equal(pred(y), pred(x))
     err = (y.float() - x.float()).abs()
     assert (err <= codec.max_error(x) + _cast_slack(y.float(), dtype) + 1e-12).all()
+
+
+@pytest.mark.parametrize("pred", [Predicate("le", (0.0,)), Predicate("outside", (0.0, 6.0))], ids=str)
+def test_restoring_the_predicate_compiles_with_inductor(pred):
+    # The mask comes unpacked from bits, as in a decode: written as `where(pred(q) == want, ...)`,
+    # Inductor's CPU code generator emitted C++ that did not compile (float mask == uint8 mask)
+    torch.manual_seed(0)
+    q = torch.randn(32, 16, 16, 16) * 4
+
+    def restore(q, bits):
+        return pred.restore(q, unpack_bits(bits, q.numel()).view(q.shape), pred.near_values(q.dtype))
+
+    bits = pack_bits(pred(q + torch.randn_like(q)).flatten())
+    y = torch.compile(restore)(q, bits)
+    assert torch.equal(y, restore(q, bits))
+    assert torch.equal(pred(y), unpack_bits(bits, q.numel()).view(q.shape))
 
 
 # Weight-gradient cosine similarity to exact training, one step, dropout off so

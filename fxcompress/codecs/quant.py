@@ -204,7 +204,7 @@ class MaskedLossy(Codec):
         lay = self.inner.layout
         q = self.inner.decode(*parts[:-1])
         exact = lay.unflatten(unpack_bits(parts[-1], lay.numel))
-        return torch.where(self.predicate(q) == exact, q, self.predicate.nearest(q, exact, self.near))
+        return self.predicate.restore(q, exact, self.near)
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         two_sided = self.predicate.kind in ("outside", "notinside")

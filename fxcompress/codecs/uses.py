@@ -102,8 +102,8 @@ class Predicate:
             return at, _step(at, -1, dtype)
         return _step(at, 1, dtype), at  # gt
 
-    def nearest(self, q: torch.Tensor, want: torch.Tensor, near: tuple[float, float]) -> torch.Tensor:
-        """Elementwise, a value close to ``q`` whose predicate is ``want``.
+    def restore(self, q: torch.Tensor, want: torch.Tensor, near: tuple[float, float]) -> torch.Tensor:
+        """``q`` where its predicate equals ``want``; elsewhere a value close to ``q`` on ``want``'s side.
 
         Used where a lossy copy ``q`` crossed the predicate's boundary: the
         exact side is restored by moving to the boundary, a distance the
@@ -114,9 +114,13 @@ class Predicate:
 
         if self.kind in ("outside", "notinside"):
             lo, hi = self.consts
-            edge = torch.where(q - lo < hi - q, const(lo), const(hi))
-            return torch.where(want, edge, q.clamp(near[0], near[1]))
-        return torch.where(want, const(near[0]), const(near[1]))
+            on_true, on_false = torch.where(q - lo < hi - q, const(lo), const(hi)), q.clamp(near[0], near[1])
+        else:
+            on_true, on_false = const(near[0]), const(near[1])
+        # NB: nested selects, not `where(self(q) == want, q, ...)`: Inductor's CPU code generator
+        # emits C++ that does not compile for the equality of a float mask and a uint8 one (torch 2.13)
+        q_true = self(q)
+        return torch.where(want, torch.where(q_true, q, on_true), torch.where(q_true, on_false, q))
 
     def __str__(self) -> str:
         return f"{self.kind}({', '.join(f'{v:g}' for v in self.consts)})"
