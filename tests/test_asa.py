@@ -135,8 +135,12 @@ class ConvMixer(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv, self.act, self.point = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 1)
-        self.strided = nn.Conv2d(6, 4, 1, stride=2)  # fed by no activation, and strided: never ASA
+        self.conv, self.act, self.point = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1)
+        # fed by no activation, and strided: never ASA.
+        # NB: 16 input channels, not fewer: oneDNN's channels-last 1x1 stride-2 weight gradient (used under
+        # Inductor on CPU) reads past its workspace when there are fewer input channels than its block of
+        # 8 (AVX2) or 16 (AVX-512), and was intermittently wrong here with 6 (oneDNN issue #6035)
+        self.strided = nn.Conv2d(16, 4, 1, stride=2)
 
     def forward(self, x):
         return self.strided(self.point(self.act(self.conv(x))))
