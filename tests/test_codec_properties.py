@@ -3,7 +3,8 @@ groups, denormals, huge magnitudes, +-inf and NaN.
 
 - lossless codecs round-trip exactly (a predicate mask: the predicate, exactly);
 - lossy codecs stay within their stated bound on every group of finite input;
-- a group holding a non-finite value decodes to NaN: never to finite garbage.
+- a group holding a non-finite value decodes to NaN: never to finite garbage;
+- a lossy codec that keeps a predicate (``SplitAffine``) keeps it exactly on finite groups.
 """
 import math
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask
 from fxcompress.codecs.lossless import narrowest_int
-from fxcompress.codecs.quant import GroupAffine, GroupFP8
+from fxcompress.codecs.quant import GroupAffine, GroupFP8, SplitAffine
 from fxcompress.codecs.uses import Predicate
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -50,14 +51,39 @@ def _lossy(x, group):
     ]
 
 
+def _split(x, group, pred):
+    inner = [GroupAffine(Layout.of(x), b, group, sr) for b in (8, 4, 2) for sr in (True, False)]
+    return [SplitAffine(i, pred, pred.near_values(x.dtype)) for i in inner]
+
+
+def _finite_elements(flat, group):
+    pad = -flat.numel() % group
+    finite_group = torch.cat([flat.isfinite(), torch.ones(pad, dtype=torch.bool)]).view(-1, group).all(1)
+    return finite_group.repeat_interleave(group)[: flat.numel()]
+
+
 @SETTINGS
 @given(x=tensors(), group=st.sampled_from([8, 64, 256]))
 def test_lossy_bound_on_finite_groups_and_nan_on_the_rest(x, group):
+    _check_lossy(x, group, _lossy(x, group))
+
+
+@SETTINGS
+@given(x=tensors(), group=st.sampled_from([8, 64, 256]), pred=st.sampled_from([
+    Predicate("le", (0.0,)), Predicate("gt", (0.0,)), Predicate("lt", (1.0,)), Predicate("ge", (-0.5,)),
+]))
+def test_split_codes_keep_the_predicate_and_the_bound(x, group, pred):
+    finite = _check_lossy(x, group, _split(x, group, pred))
+    for codec in _split(x, group, pred):
+        y = codec.decode(*codec.encode(x)).reshape(-1)
+        assert torch.equal(pred(y)[finite], pred(x.reshape(-1))[finite]), codec.name
+
+
+def _check_lossy(x, group, codecs):
+    """Every codec within its bound on the finite groups of ``x``, NaN on the rest; the finite elements."""
     flat = x.reshape(-1)
-    pad = -flat.numel() % group
-    finite_group = torch.cat([flat.isfinite(), torch.ones(pad, dtype=torch.bool)]).view(-1, group).all(1)
-    finite_elem = finite_group.repeat_interleave(group)[: flat.numel()]
-    for codec in _lossy(x, group):
+    finite_elem = _finite_elements(flat, group)
+    for codec in codecs:
         y = codec.decode(*codec.encode(x)).reshape(-1)
         assert y.shape == flat.shape and y.dtype == x.dtype
         # non-finite groups: all NaN, never finite garbage
@@ -69,6 +95,7 @@ def test_lossy_bound_on_finite_groups_and_nan_on_the_rest(x, group):
             err = (yf - xf).abs()
             ok = err <= bound + slack
             assert ok.all(), f"{codec.name}: x={xf[~ok][:3].tolist()} y={yf[~ok][:3].tolist()} bound={bound[~ok][:3].tolist()}"
+    return finite_elem
 
 
 @SETTINGS

@@ -7,7 +7,7 @@ import torch
 import fxcompress
 from fxcompress.codecs import Layout
 from fxcompress.codecs.base import pack_bits, unpack_bits
-from fxcompress.codecs.quant import GroupAffine, GroupFP8, MaskedLossy
+from fxcompress.codecs.quant import GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from fxcompress.codecs.uses import Predicate
 from conftest import ZOO_NAMES, compressed, make_model, train_step
 
@@ -22,6 +22,9 @@ def _codecs(x, group=256):
             yield GroupAffine(lay, bits, group, sr)
     for fmt in ("e4m3", "e5m2"):
         yield GroupFP8(lay, fmt, group)
+    relu = Predicate("le", (0.0,))
+    for bits in (8, 4, 2):
+        yield SplitAffine(GroupAffine(lay, bits, group, True), relu, relu.near_values(x.dtype))
 
 
 def _cast_slack(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -148,6 +151,35 @@ def test_restoring_the_predicate_compiles_with_inductor(pred):
     assert torch.equal(pred(y), unpack_bits(bits, q.numel()).view(q.shape))
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_split_codes_keep_relus_mask_in_fewer_bytes_than_a_mask(bits, stochastic):
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(16, 8, 8, 8)).to(memory_format=torch.channels_last)
+    x[0, :, 0, 0] = 1e-30  # positive, far below one step: must still decode above 0
+    relu = Predicate("le", (0.0,))
+    inner = GroupAffine(Layout.of(x), bits, 256, stochastic)
+    split, masked = (c(inner, relu, relu.near_values(x.dtype)) for c in (SplitAffine, MaskedLossy))
+    parts = split.encode(x)
+    assert sum(p.nbytes for p in parts) == split.nbytes() == inner.nbytes() + 2 * x.numel() // 256
+    assert split.nbytes() < sum(p.nbytes for p in masked.encode(x))
+    y = split.decode(*parts)
+    assert y.stride() == x.stride() and torch.equal(y <= 0, x <= 0)
+    assert ((y - x).abs() <= split.max_error(x) + 1e-7).all()
+
+
+def test_split_codes_are_unbiased_away_from_the_threshold():
+    torch.manual_seed(0)
+    x = torch.randn(4096)
+    pred = Predicate("gt", (0.5,))
+    codec = SplitAffine(GroupAffine(Layout.of(x), 4, 256, True), pred, pred.near_values(x.dtype))
+    draws = 400
+    mean = sum(codec.decode(*codec.encode(x)) for _ in range(draws)) / draws
+    step = codec.max_error(x)
+    far = (x - 0.5).abs() > step  # within a step of the threshold, codes are pushed to its side
+    assert ((mean - x).abs()[far] <= 5 * step[far] / math.sqrt(draws)).all()
+
+
 # Weight-gradient cosine similarity to exact training, one step, dropout off so
 # that only the codec differs; stated per codec and checked on every zoo model.
 COSINE = {("int8", True): 0.999, ("int8", False): 0.999, ("int4", True): 0.99, ("int4", False): 0.995,
@@ -186,7 +218,8 @@ def test_quantized_bytes_really_stored(codec):
     step = train_step(model, x, compressed(codec))
     assert _stored_bytes(step.module, model, x) == fxcompress.explain(step.module).saved_bytes_after
     rows = fxcompress.explain(step.module).rows
-    assert any(r.codec.startswith(codec) and "+mask[" in r.codec for r in rows)  # ReLU outputs
+    kept = "+split[le(0)]" if codec == "int4" else "+mask[le(0)]"  # ReLU outputs: by the codes, or a mask
+    assert any(r.codec.startswith(codec) and r.codec.endswith(kept) for r in rows)
 
 
 def test_statistics_and_attention_internals_stay_exact():

@@ -26,6 +26,12 @@ error at most half an fp8 ulp of each element (2**-4 relative for e4m3,
 2**-3 for e5m2) plus half the smallest subnormal step times ``s``. Bytes:
 ``g * G`` plus ``4 * g``.
 
+A tensor also read through a one-sided predicate (ReLU's ``x <= 0`` in
+``threshold_backward``) takes :class:`SplitAffine`: the codes themselves keep
+the predicate, at 2 bytes per group instead of a 1-bit mask per element (and
+one pass over the tensor fewer). Two-sided predicates (hardtanh's) and fp8
+take :class:`MaskedLossy`, the codes plus the packed mask.
+
 A group holding NaN or ±inf decodes to NaN as a whole: non-finite
 activations reach the backward as non-finite (AMP's GradScaler sees them),
 never as finite garbage.
@@ -40,7 +46,7 @@ import torch
 from .base import Codec, Layout, pack_bits, pack_codes, unpack_bits, unpack_codes
 from .uses import Predicate
 
-__all__ = ["GroupAffine", "GroupFP8", "MaskedLossy", "FP8_FORMATS"]
+__all__ = ["GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # NB: scales never go below fp32's smallest normal number: 1/scale stays finite, and GPUs that
@@ -48,13 +54,14 @@ FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 _MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
-def _groups(layout: Layout, x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x`` in memory order as ``(n_groups, group)`` fp32, the last group padded by repetition."""
+def _groups(layout: Layout, x: torch.Tensor, group: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """``x`` in memory order as ``(n_groups, group)`` in ``dtype`` (``None``: its own), the last group padded by repetition."""
     flat = layout.flatten(x)
     n = flat.numel()
     if n % group:
         flat = torch.cat([flat, flat[-1:].expand(group - n % group)])
-    return flat.view(-1, group).float()
+    g = flat.view(-1, group)
+    return g if dtype is None else g.to(dtype)
 
 
 def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
@@ -105,17 +112,33 @@ class GroupAffine(Codec):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g = _groups(self.layout, x, self.group)
-        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
-        scale = self._scale(lo, hi)
-        # NB: halves, so that hi - lo cannot overflow for huge values of both signs
-        v = (g * 0.5 - lo * 0.5) * (2.0 / scale)
-        v = v + (_dither(g) if self.stochastic else 0.5)
-        codes = v.floor().clamp(0, self.levels).to(torch.uint8)
-        return pack_codes(codes.view(-1), self.bits), _poison_nonfinite(lo, lo, hi), scale
+        lo, hi, scale, codes = self._codes(g)
+        return self._pack(codes), _poison_nonfinite(lo, lo, hi), scale
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        codes = unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group)
-        return _ungroup(self.layout, (codes.float() * (scale * 0.5) + lo * 0.5) * 2.0)
+        return _ungroup(self.layout, self._values(self._unpack(packed, lo), lo, scale))
+
+    def _codes(self, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per group ``lo``, ``hi``, ``scale``, and the codes of ``g`` as float, before clamping."""
+        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+        scale = self._scale(lo, hi)
+        v = self._steps(g, lo, scale) + (_dither(g) if self.stochastic else 0.5)
+        return lo, hi, scale, v.floor()
+
+    @staticmethod
+    def _steps(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``(x - lo) / scale``. NB: in halves, so that ``x - lo`` cannot overflow for huge values of both signs."""
+        return (x * 0.5 - lo * 0.5) * (2.0 / scale)
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_codes(codes.clamp(0, self.levels).to(torch.uint8).view(-1), self.bits)
+
+    def _unpack(self, packed: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        return unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group)
+
+    @staticmethod
+    def _values(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (codes.float() * (scale * 0.5) + lo * 0.5) * 2.0
 
     def _scale(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         half_range = hi * 0.5 - lo * 0.5
@@ -209,3 +232,71 @@ class MaskedLossy(Codec):
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         two_sided = self.predicate.kind in ("outside", "notinside")
         return self.inner.max_error(x) * (2 if two_sided else 1)
+
+
+_LOW_SIDE = {"le": True, "lt": True, "ge": False, "gt": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitAffine(Codec):
+    """Per-group affine codes that keep a one-sided predicate ``x <= c`` (``<``, ``>=``, ``>``) exact, mask-free.
+
+    Each group also stores ``split``, the last code whose grid value lies at
+    or below ``c``: ``floor((c - lo) / scale)``, kept within ``[-1, levels - 1]``.
+    Elements on the predicate's low side (``x <= c`` for ``le``) are given
+    codes at most ``split``, the others codes above it, so the decoder reads
+    the predicate from ``code <= split`` and moves a decoded value that
+    rounding put on the wrong side of ``c`` to the nearest value on the right
+    one (as :class:`MaskedLossy` does). A code clamped to its side moves less
+    than one step from the unclamped one, and the true value lies between
+    them, so the error stays below one step (``scale``) with either rounding
+    (nearest rounding's half step holds for the unclamped codes only), and
+    rounding stays unbiased except within a step of ``c``. Bytes: the inner
+    codec's plus 2 per group (``split`` as int16), where a mask costs ``G / 8``.
+    """
+
+    inner: GroupAffine
+    predicate: Predicate
+    near: tuple[float, float]  # Predicate.near_values(dtype), fixed at plan time
+
+    lossless = False
+
+    def __post_init__(self) -> None:
+        if self.predicate.kind not in _LOW_SIDE:
+            raise ValueError(f"SplitAffine needs a one-sided predicate, not {self.predicate}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}+split[{self.predicate}]"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inner = self.inner
+        raw = _groups(inner.layout, x, inner.group, dtype=None)  # the predicate is read as the op reads it
+        lo, hi, scale, codes = inner._codes(raw.float())
+        split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), lo, scale).floor()
+        split = split.clamp(-1, inner.levels - 1)
+        low = self._swap(self.predicate(raw))
+        codes = torch.where(low, torch.minimum(codes, split), torch.maximum(codes, split + 1))
+        # A non-finite group decodes to NaN (``lo``); its split makes every element the
+        # predicate's false side, so the restore keeps the NaN instead of a finite edge value.
+        nan_split = torch.full_like(split, -1 if _LOW_SIDE[self.predicate.kind] else inner.levels)
+        split = torch.where(torch.isfinite(lo) & torch.isfinite(hi), split, nan_split)
+        return inner._pack(codes), _poison_nonfinite(lo, lo, hi), scale, split.to(torch.int16)
+
+    def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        codes = inner._unpack(packed, lo)
+        want = self._swap(codes.to(torch.int16) <= split)  # the predicate's truth
+        q = _ungroup(inner.layout, inner._values(codes, lo, scale))
+        return self.predicate.restore(q, _ungroup(dataclasses.replace(inner.layout, dtype=torch.bool), want), self.near)
+
+    def _swap(self, side: torch.Tensor) -> torch.Tensor:
+        """The predicate's truth to "on the low side of ``c``", and back: flipped for ``ge``/``gt``."""
+        return side if _LOW_SIDE[self.predicate.kind] else torch.logical_not(side)
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes() + 2 * (-(-self.inner.layout.numel // self.inner.group))
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        """One step of the inner grid for both roundings, plus its fp32 slack."""
+        return dataclasses.replace(self.inner, stochastic=True).max_error(x)

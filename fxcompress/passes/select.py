@@ -20,8 +20,10 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 9. Read as values otherwise: with a per-group lossy codec (or BLPA's
    ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
    :class:`GroupFP8`), and if it is also read through one predicate, that
-   predicate is stored exactly beside it (:class:`MaskedLossy`); without
-   one, keep, naming the op that reads the values.
+   predicate is kept exact: by the integer codes themselves for a one-sided
+   predicate (:class:`SplitAffine`: ReLU's ``x <= 0``), otherwise by a
+   1-bit mask stored beside the codes (:class:`MaskedLossy`); without a
+   per-group codec, keep, naming the op that reads the values.
 10. Read only for its shape: :class:`ShapeOnly`.
 11. Read only through one predicate (and shapes): :class:`PredicateMask`.
 12. Integer read only as bounded indices: :class:`NarrowInt`.
@@ -36,7 +38,7 @@ import torch.fx as fx
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
 from ..codecs.blpa import BLPA, BLPARelu
-from ..codecs.quant import GroupAffine, GroupFP8, MaskedLossy
+from ..codecs.quant import GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from ..codecs.uses import ExactUse, IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
 from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig
 from ..config import Codec as CodecName
@@ -181,6 +183,8 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
             near = predicate.near_values(saved.dtype)
         except ValueError:
             return Decision(inner, f"values read by {ops}; no {saved.dtype} values around {predicate}")
+        if isinstance(inner, GroupAffine) and predicate.kind in ("le", "lt", "ge", "gt"):
+            return Decision(SplitAffine(inner, predicate, near), f"values read by {ops}; {predicate} kept exact by the codes")
         return Decision(MaskedLossy(inner, predicate, near), f"values read by {ops}; {predicate} kept exact")
     return Decision(inner, f"values read by {ops}")
 
