@@ -14,19 +14,27 @@ from conftest import ZOO_NAMES, assert_grads_close, compressed, make_model, trai
 from test_lossless import _stored_bytes
 
 
+# NB: plain torch.compile is compared on the two models whose Inductor compiles are
+# quick (each compile costs the suite tens of seconds of C++ on a cold cache); the
+# CNNs' `none` graphs are the same min-cut partition, compiled the same way.
+PLAIN_TOO = ("mlp", "transformer")
+
+
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_inductor_lossless_matches_none_and_plain_compile(name):
     model, x = make_model(name)
-    plain = train_step(model, x, lambda m: torch.compile(m))
-    torch._dynamo.reset()
+    if name in PLAIN_TOO:
+        plain = train_step(model, x, lambda m: torch.compile(m))
+        torch._dynamo.reset()
     none = train_step(model, x, compressed("none", "inductor"))
     # Same process, second config: must run the second config's graphs.
     lossless = train_step(model, x, compressed("lossless", "inductor"))
 
     # NB: not bit-exact even between two compiles of one graph: Inductor's CPU
     # scatter-add (embedding backward) accumulates across threads in any order.
-    torch.testing.assert_close(none.output, plain.output, rtol=1e-6, atol=1e-9)
-    assert_grads_close(plain.grads, none.grads, rtol=1e-5, atol=1e-9)
+    if name in PLAIN_TOO:
+        torch.testing.assert_close(none.output, plain.output, rtol=1e-6, atol=1e-9)
+        assert_grads_close(plain.grads, none.grads, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(lossless.output, none.output, rtol=1e-6, atol=1e-6)
     assert_grads_close(none.grads, lossless.grads, rtol=1e-5, atol=1e-7)
 
