@@ -6,6 +6,7 @@ Examples::
     fxcompress demo --backend inductor --steps 5
     fxcompress explain fxcompress.models:ConvNet --input 8x3x16x16 --codec lossless
     fxcompress explain fxcompress.models:TinyTransformer --input int:4x32:96
+    fxcompress explain torchvision.models:resnet50 --input 8x3x224x224 --codec int4 --autocast bf16
     fxcompress visualize fxcompress.models:ResidualCNN --input 8x3x32x32 --codec int4 -o step.svg
 
 Input shapes: ``AxBxC`` is a float tensor of that shape (standard normal);
@@ -139,6 +140,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _capture(args: argparse.Namespace):
     """Build MODULE:FACTORY, compile it, run one training step on random inputs."""
     factory = load_factory(args.model)
@@ -156,17 +160,21 @@ def _capture(args: argparse.Namespace):
         )
     cm = api.compile(model, CompressConfig(codec=args.codec), backend=args.backend)
     cm.train()
-    _progress(f"capturing one training step ({args.backend} backend)")
+    amp = f", {args.autocast} autocast" if args.autocast else ""
+    _progress(f"capturing one training step ({args.backend} backend{amp})")
     t0 = time.perf_counter()
+    dtype = AUTOCAST.get(args.autocast)
     try:
-        out = cm(*inputs)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = cm(*inputs)
+            loss = _loss(out if isinstance(out, torch.Tensor) else out[0])
     except FxCompressError:
         raise
     except Exception as e:  # noqa: BLE001 - the model's own error, reported with the inputs that caused it
         shapes = ", ".join(args.input)
         raise CliError(f"{args.model} failed on --input {shapes}: {type(e).__name__}: {e}; give one --input "
                        f"per positional argument of its forward, with the shapes it expects") from None
-    _loss(out if isinstance(out, torch.Tensor) else out[0]).backward()
+    loss.backward()
     _progress(f"captured in {time.perf_counter() - t0:.1f}s")
     return cm
 
@@ -218,6 +226,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", required=True, help="8x3x224x224 or int:8x1024:50257 (repeatable)")
     p.add_argument("--codec", choices=codec_names, default="lossless")
     p.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST), help="capture the step under CPU autocast "
+                   "to this dtype, as mixed-precision training runs it (default: off, the model's own dtypes)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

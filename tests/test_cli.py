@@ -28,9 +28,10 @@ def test_demo_runs_end_to_end():
 
 
 def test_explain_a_factory_with_float_and_token_inputs():
-    out = run("explain", "fxcompress.models:ConvNet", "--input", "4x3x16x16")
+    out = run("explain", "fxcompress.models:ConvNet", "--input", "4x3x16x16", "--codec", "int4", "--autocast", "bf16")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "narrow[uint8]" in out.stdout and "saved for backward:" in out.stdout
+    assert "bfloat16  int4" in out.stdout  # mixed precision: bf16 activations, quantized
     out = run("explain", "fxcompress.models:TinyTransformer", "--input", "int:2x32:96", "--codec", "none")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "codec='none'" in out.stdout
