@@ -6,7 +6,8 @@
 Each results file names its commands, device and torch version; the section
 shows every file of ``bench/results`` (not of its subfolders): step
 benchmarks (``bench/bench_step.py``) with the issue's targets checked,
-predicted against measured peaks (``bench/peak.py``), the short CPU fidelity
+predicted against measured peaks (``bench/peak.py``), the memory traffic of
+Inductor's kernels by role (``bench/traffic.py``), the short CPU fidelity
 runs (``bench/fidelity.py``) and the long ones with their curves
 (``bench/fidelity_suite.py``).
 """
@@ -37,6 +38,7 @@ def render(results_dir: pathlib.Path = RESULTS) -> str:
     if not parts:
         parts = ["_No current GPU speed/memory results: `bench/bench_step.py` writes them._"]
     parts += [_peak(p, d) for p, d in files if "peak" in d]
+    parts += [_traffic(p, d) for p, d in files if "traffic" in d]
     parts += [_curves(p, d) for p, d in files if "curves" in d]
     parts += [_fidelity(p, d) for p, d in files if "fidelity" in d]
     return "\n\n".join(parts)
@@ -135,6 +137,45 @@ def _peak(path: pathlib.Path, data: dict) -> str:
         )
     if data.get("notes"):
         lines += ["", f"_{data['notes']}_"]
+    return "\n".join(lines)
+
+
+def _traffic(path: pathlib.Path, data: dict) -> str:
+    lines = [
+        f"Memory traffic of the compiled step by kernel role (`{path.name}`, {_where(data['environment'])}; "
+        f"{_commands(data)}): Inductor's own count of the bytes each kernel reads and writes, after fusion; "
+        "`encode`/`decode` are kernels of fxcompress's codecs alone, `+encode`/`+decode` are codec code "
+        "fused into the model's kernels:",
+        "",
+        "| model | batch | variant | kernels fw / bw | MiB moved fw / bw | × plain | encode kernels (MiB) "
+        "| +encode | decode kernels (MiB) | +decode |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    steps: dict[tuple, list[dict]] = {}
+    for r in data["traffic"]:
+        steps.setdefault((r["model"], r["batch"], r["variant"]), []).append(r)
+    plain = {(m, b): sum(r["gib"] for r in rs) for (m, b, v), rs in steps.items() if v == "plain"}
+    for (model, batch, variant), rs in steps.items():
+        fw = [r for r in rs if r["pass"] == "forward"]
+        bw = [r for r in rs if r["pass"] == "backward"]
+
+        def total(part, key):
+            return sum(r[key] for r in part)
+
+        def role(name, key):
+            return sum(r["by_role"].get(name, {}).get(key, 0) for r in rs)
+
+        def fused(name):  # model kernels with codec code of kind `name` fused in
+            return sum(v["kernels"] for r in rs for k, v in r["by_role"].items() if {"model", name} <= set(k.split("+")))
+
+        base = plain.get((model, batch))
+        ratio = f"{total(rs, 'gib') / base:.2f}" if base else "–"
+        lines.append(
+            f"| {model} | {batch} | {variant} | {total(fw, 'kernels')} / {total(bw, 'kernels')} | "
+            f"{total(fw, 'gib') * 1024:.1f} / {total(bw, 'gib') * 1024:.1f} | {ratio} | "
+            f"{role('encode', 'kernels')} ({role('encode', 'gib') * 1024:.1f}) | {fused('encode')} | "
+            f"{role('decode', 'kernels')} ({role('decode', 'gib') * 1024:.1f}) | {fused('decode')} |"
+        )
     return "\n".join(lines)
 
 
