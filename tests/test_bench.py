@@ -63,3 +63,20 @@ def test_gpt2_target_reads_the_blocks_saved_bytes():
     ]
     (verdict, *_) = report._targets(rows, {"gpt2": rows[0]})
     assert "2.00× less saved in the blocks" in verdict and "**met**" in verdict
+
+
+def test_traffic_rows_sum_passes_and_count_fused_codec_kernels():
+    def graph(variant, pass_, by_role):
+        return {"model": "resnet", "variant": variant, "batch": 32, "graph": 0 if pass_ == "forward" else 1,
+                "pass": pass_, "kernels": sum(k for k, _ in by_role.values()), "gib": sum(g for _, g in by_role.values()),
+                "by_role": {r: {"kernels": k, "gib": g} for r, (k, g) in by_role.items()}}
+
+    data = {"environment": {"device": "cpu", "cpu": "test CPU", "torch": "2.x"}, "commands": ["c"], "traffic": [
+        graph("plain", "forward", {"model": (10, 1.0)}), graph("plain", "backward", {"model": (10, 1.0)}),
+        graph("int4", "forward", {"model": (10, 1.0), "encode": (4, 0.5), "model+encode": (2, 0.1)}),
+        graph("int4", "backward", {"model": (10, 1.0), "model+decode": (3, 0.4), "model+encode+decode": (1, 0.0)}),
+    ]}
+    rows = report._traffic(pathlib.Path("t.json"), data).splitlines()
+    int4 = next(r for r in rows if "| int4 |" in r)
+    # 16 + 14 kernels; 1.6 + 1.4 GiB = 1.5x plain's 2 GiB; 4 encoders alone, 3 fused; none alone, 4 fused
+    assert int4 == "| resnet | 32 | int4 | 16 / 14 | 1638.4 / 1433.6 | 1.50 | 4 (512.0) | 3 | 0 (0.0) | 4 |"
