@@ -210,16 +210,19 @@ def test_weight_gradient_cosine_per_codec(name):
         assert report.saved_bytes_after < report.saved_bytes_before / 2
 
 
-@pytest.mark.parametrize("codec", ["int4", "fp8"])
-def test_quantized_bytes_really_stored(codec):
+@pytest.mark.parametrize("codec, kw, kept", [
+    ("int4", {}, "+mask[le(0)]"),  # stochastic rounding: the mask, which keeps it unbiased
+    ("int4", {"stochastic_rounding": False}, "+split[le(0)]"),  # to nearest: the codes keep ReLU's mask
+    ("fp8", {}, "+mask[le(0)]"),
+])
+def test_quantized_bytes_really_stored(codec, kw, kept):
     from test_lossless import _stored_bytes
 
     model, x = make_model("convnet")
-    step = train_step(model, x, compressed(codec))
+    step = train_step(model, x, compressed(codec, **kw))
     assert _stored_bytes(step.module, model, x) == fxcompress.explain(step.module).saved_bytes_after
     rows = fxcompress.explain(step.module).rows
-    kept = "+split[le(0)]" if codec == "int4" else "+mask[le(0)]"  # ReLU outputs: by the codes, or a mask
-    assert any(r.codec.startswith(codec) and r.codec.endswith(kept) for r in rows)
+    assert any(r.codec.startswith(codec) and r.codec.endswith(kept) for r in rows)  # ReLU outputs
 
 
 def test_statistics_and_attention_internals_stay_exact():

@@ -26,11 +26,12 @@ error at most half an fp8 ulp of each element (2**-4 relative for e4m3,
 2**-3 for e5m2) plus half the smallest subnormal step times ``s``. Bytes:
 ``g * G`` plus ``4 * g``.
 
-A tensor also read through a one-sided predicate (ReLU's ``x <= 0`` in
-``threshold_backward``) takes :class:`SplitAffine`: the codes themselves keep
-the predicate, at 2 bytes per group instead of a 1-bit mask per element (and
-one pass over the tensor fewer). Two-sided predicates (hardtanh's) and fp8
-take :class:`MaskedLossy`, the codes plus the packed mask.
+A tensor also read through a predicate (ReLU's ``x <= 0`` in
+``threshold_backward``) keeps it exactly: :class:`MaskedLossy` stores the
+packed 1-bit mask beside the codes; with rounding to nearest and a one-sided
+predicate, :class:`SplitAffine` keeps it in the codes themselves, at 2 bytes
+per group instead of a bit per element (and one pass over the tensor fewer).
+Stochastic rounding keeps the mask: the split's forced codes are biased.
 
 A group holding NaN or ±inf decodes to NaN as a whole: non-finite
 activations reach the backward as non-finite (AMP's GradScaler sees them),
@@ -250,9 +251,11 @@ class SplitAffine(Codec):
     one (as :class:`MaskedLossy` does). A code clamped to its side moves less
     than one step from the unclamped one, and the true value lies between
     them, so the error stays below one step (``scale``) with either rounding
-    (nearest rounding's half step holds for the unclamped codes only), and
-    rounding stays unbiased except within a step of ``c``. Bytes: the inner
-    codec's plus 2 per group (``split`` as int16), where a mask costs ``G / 8``.
+    (nearest rounding's half step holds for the unclamped codes only). With
+    stochastic rounding the clamped codes are biased (every value within a
+    step above ``c`` decodes a step above it), so the policy picks this codec
+    for rounding to nearest only. Bytes: the inner codec's plus 2 per group
+    (``split`` as int16), where a mask costs ``G / 8``.
     """
 
     inner: GroupAffine

@@ -20,10 +20,11 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 9. Read as values otherwise: with a per-group lossy codec (or BLPA's
    ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
    :class:`GroupFP8`), and if it is also read through one predicate, that
-   predicate is kept exact: by the integer codes themselves for a one-sided
-   predicate (:class:`SplitAffine`: ReLU's ``x <= 0``), otherwise by a
-   1-bit mask stored beside the codes (:class:`MaskedLossy`); without a
-   per-group codec, keep, naming the op that reads the values.
+   predicate is kept exact: with rounding to nearest and a one-sided
+   predicate (ReLU's ``x <= 0``) by the integer codes themselves
+   (:class:`SplitAffine`), otherwise by a 1-bit mask stored beside the
+   codes (:class:`MaskedLossy`; unbiased, so stochastic rounding keeps it);
+   without a per-group codec, keep, naming the op that reads the values.
 10. Read only for its shape: :class:`ShapeOnly`.
 11. Read only through one predicate (and shapes): :class:`PredicateMask`.
 12. Integer read only as bounded indices: :class:`NarrowInt`.
@@ -45,6 +46,11 @@ from ..config import Codec as CodecName
 from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
 
 __all__ = ["plan_codecs"]
+
+#: Keep a one-sided predicate in the integer codes (SplitAffine) under stochastic rounding too.
+#: Off: codes forced to their side of the threshold bias the values within a step of it
+#: (`bench/grad_bias.py --split-codes` measures what that does to the weight gradients).
+SPLIT_STOCHASTIC = False
 
 
 def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
@@ -183,7 +189,8 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
             near = predicate.near_values(saved.dtype)
         except ValueError:
             return Decision(inner, f"values read by {ops}; no {saved.dtype} values around {predicate}")
-        if isinstance(inner, GroupAffine) and predicate.kind in ("le", "lt", "ge", "gt"):
+        if isinstance(inner, GroupAffine) and (SPLIT_STOCHASTIC or not inner.stochastic) \
+                and predicate.kind in ("le", "lt", "ge", "gt"):
             return Decision(SplitAffine(inner, predicate, near), f"values read by {ops}; {predicate} kept exact by the codes")
         return Decision(MaskedLossy(inner, predicate, near), f"values read by {ops}; {predicate} kept exact")
     return Decision(inner, f"values read by {ops}")
