@@ -231,8 +231,7 @@ class MaskedLossy(Codec):
         return self.predicate.restore(q, exact, self.near)
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
-        two_sided = self.predicate.kind in ("outside", "notinside")
-        return self.inner.max_error(x) * (2 if two_sided else 1)
+        return self.inner.max_error(x) * (2 if self.predicate.two_sided else 1)
 
 
 _LOW_SIDE = {"le": True, "lt": True, "ge": False, "gt": False}

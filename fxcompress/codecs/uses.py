@@ -55,6 +55,11 @@ class Predicate:
     kind: str
     consts: tuple[float, ...]
 
+    @property
+    def two_sided(self) -> bool:
+        """``outside``/``notinside``: true on both sides of an interval (the rest compare with one constant)."""
+        return self.kind in ("outside", "notinside")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         c = self.consts
         if self.kind == "outside":
@@ -70,7 +75,7 @@ class Predicate:
         the dtype's range): the predicate mask then does not apply.
         """
         c = self.consts
-        if self.kind in ("outside", "notinside"):
+        if self.two_sided:
             candidates = (c[0], (c[0] + c[1]) / 2)
         else:
             step = {"le": (0, 1), "lt": (-1, 0), "ge": (0, -1), "gt": (1, 0)}[self.kind]
@@ -91,7 +96,7 @@ class Predicate:
         time (in Python, not in the traced code).
         """
         c = self.consts
-        if self.kind in ("outside", "notinside"):
+        if self.two_sided:
             return _step(c[0], 1, dtype), _step(c[1], -1, dtype)
         at = float(torch.tensor(c[0], dtype=torch.float64).to(dtype))
         if self.kind == "le":
@@ -112,7 +117,7 @@ class Predicate:
         def const(v: float) -> torch.Tensor:
             return torch.scalar_tensor(v, dtype=q.dtype, device=q.device)
 
-        if self.kind in ("outside", "notinside"):
+        if self.two_sided:
             lo, hi = self.consts
             on_true, on_false = torch.where(q - lo < hi - q, const(lo), const(hi)), q.clamp(near[0], near[1])
         else:

@@ -189,8 +189,7 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
             near = predicate.near_values(saved.dtype)
         except ValueError:
             return Decision(inner, f"values read by {ops}; no {saved.dtype} values around {predicate}")
-        if isinstance(inner, GroupAffine) and (SPLIT_STOCHASTIC or not inner.stochastic) \
-                and predicate.kind in ("le", "lt", "ge", "gt"):
+        if isinstance(inner, GroupAffine) and (SPLIT_STOCHASTIC or not inner.stochastic) and not predicate.two_sided:
             return Decision(SplitAffine(inner, predicate, near), f"values read by {ops}; {predicate} kept exact by the codes")
         return Decision(MaskedLossy(inner, predicate, near), f"values read by {ops}; {predicate} kept exact")
     return Decision(inner, f"values read by {ops}")
