@@ -32,27 +32,27 @@ from common import GiB, build, compress_config, open_results, put_result  # noqa
 from fxcompress.ir import META_KEY  # noqa: E402
 
 
-def node_role(node, memo: dict) -> str:
-    """An FX node's fxcompress role from its tag; an untagged node that only codec code of one role
-    reads takes that role (Inductor's pass that replaces ``rand`` with its own seeded
-    random ops drops the tags), anything else is ``model``."""
-    if node not in memo:
+def graph_roles(graph) -> dict:
+    """Each FX node's fxcompress role: its tag's, or for an untagged node that only codec code of
+    one role reads, that role (Inductor's pass that replaces ``rand`` with its own seeded random
+    ops drops the tags); anything else is ``model``. Users come after producers, so one reverse pass."""
+    roles = {}
+    for node in reversed(graph.nodes):
         tag = node.meta.get(META_KEY)
-        if tag is not None:
-            memo[node] = tag["role"]
-        else:
-            memo[node] = "model"  # NB: first, so a cycle cannot recurse
-            users = {node_role(u, memo) for u in node.users}
-            memo[node] = users.pop() if len(users) == 1 and "model" not in users else "model"
-    return memo[node]
+        users = {roles[u] for u in node.users}
+        roles[node] = tag["role"] if tag else users.pop() if len(users) == 1 and "model" not in users else "model"
+    return roles
 
 
 def kernel_role(snode, memo: dict) -> str:
-    """``model``, ``encode``, ``decode``, ``alias``, ``derived`` or a ``+``-joined mix, from the origins' roles."""
+    """``model``, ``encode``, ``decode``, ``alias``, ``derived`` or a ``+``-joined mix, from the origins' roles.
+    ``memo`` holds :func:`graph_roles` per FX graph."""
     roles = set()
     for part in snode.get_nodes():
         for origin in (part.node.get_origins() if part.node is not None else ()):
-            roles.add(node_role(origin, memo))
+            if origin.graph not in memo:
+                memo[origin.graph] = graph_roles(origin.graph)
+            roles.add(memo[origin.graph][origin])
     return "+".join(sorted(roles, key=["model", "encode", "decode", "alias", "derived"].index)) or "model"
 
 

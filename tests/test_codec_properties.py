@@ -73,18 +73,20 @@ def test_lossy_bound_on_finite_groups_and_nan_on_the_rest(x, group):
     Predicate("le", (0.0,)), Predicate("gt", (0.0,)), Predicate("lt", (1.0,)), Predicate("ge", (-0.5,)),
 ]))
 def test_split_codes_keep_the_predicate_and_the_bound(x, group, pred):
-    finite = _check_lossy(x, group, _split(x, group, pred))
-    for codec in _split(x, group, pred):
-        y = codec.decode(*codec.encode(x)).reshape(-1)
+    finite, decoded = _check_lossy(x, group, _split(x, group, pred))
+    for codec, y in decoded:
         assert torch.equal(pred(y)[finite], pred(x.reshape(-1))[finite]), codec.name
 
 
 def _check_lossy(x, group, codecs):
-    """Every codec within its bound on the finite groups of ``x``, NaN on the rest; the finite elements."""
+    """Every codec within its bound on the finite groups of ``x``, NaN on the rest.
+    Returns the finite elements and each codec with its flat decoded ``x``."""
     flat = x.reshape(-1)
     finite_elem = _finite_elements(flat, group)
+    decoded = []
     for codec in codecs:
         y = codec.decode(*codec.encode(x)).reshape(-1)
+        decoded.append((codec, y))
         assert y.shape == flat.shape and y.dtype == x.dtype
         # non-finite groups: all NaN, never finite garbage
         assert y[~finite_elem].isnan().all(), codec.name
@@ -95,7 +97,7 @@ def _check_lossy(x, group, codecs):
             err = (yf - xf).abs()
             ok = err <= bound + slack
             assert ok.all(), f"{codec.name}: x={xf[~ok][:3].tolist()} y={yf[~ok][:3].tolist()} bound={bound[~ok][:3].tolist()}"
-    return finite_elem
+    return finite_elem, decoded
 
 
 @SETTINGS
