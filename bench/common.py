@@ -257,13 +257,14 @@ def fxcompress_backend(config, preferred: str = "inductor") -> str:
 
 
 def open_results(path: str | None, key: str, device: str, command: str | None) -> dict:
-    """A results file that runs accumulate into: its ``commands`` (``command`` appended),
-    this run's ``environment``, and the rows under ``key`` (empty for a new file)."""
+    """A results file that runs accumulate into: its ``commands`` (``command`` appended unless
+    already there: a rerun replaces its rows), this run's ``environment``, and the rows under
+    ``key`` (empty for a new file)."""
     data = {"commands": [], key: []}
     if path and os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    if command:
+    if command and command not in data["commands"]:
         data["commands"].append(command)
     data["environment"] = environment(device)
     return data

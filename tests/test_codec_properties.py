@@ -4,7 +4,8 @@ groups, denormals, huge magnitudes, +-inf and NaN.
 - lossless codecs round-trip exactly (a predicate mask: the predicate, exactly);
 - lossy codecs stay within their stated bound on every group of finite input;
 - a group holding a non-finite value decodes to NaN: never to finite garbage;
-- a lossy codec that keeps a predicate (``SplitAffine``) keeps it exactly on finite groups.
+- a lossy codec that keeps a predicate (``SplitAffine``, ``ClampedAffine`` on a ReLU's
+  output) keeps it exactly on finite groups.
 """
 import math
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask
 from fxcompress.codecs.lossless import narrowest_int
-from fxcompress.codecs.quant import GroupAffine, GroupFP8, SplitAffine
+from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, SplitAffine
 from fxcompress.codecs.uses import Predicate
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -51,9 +52,9 @@ def _lossy(x, group):
     ]
 
 
-def _split(x, group, pred):
+def _keeping(kind, x, group, pred):
     inner = [GroupAffine(Layout.of(x), b, group, sr) for b in (8, 4, 2) for sr in (True, False)]
-    return [SplitAffine(i, pred, pred.near_values(x.dtype)) for i in inner]
+    return [kind(i, pred, pred.near_values(x.dtype)) for i in inner]
 
 
 def _finite_elements(flat, group):
@@ -73,9 +74,20 @@ def test_lossy_bound_on_finite_groups_and_nan_on_the_rest(x, group):
     Predicate("le", (0.0,)), Predicate("gt", (0.0,)), Predicate("lt", (1.0,)), Predicate("ge", (-0.5,)),
 ]))
 def test_split_codes_keep_the_predicate_and_the_bound(x, group, pred):
-    finite, decoded = _check_lossy(x, group, _split(x, group, pred))
+    finite, decoded = _check_lossy(x, group, _keeping(SplitAffine, x, group, pred))
     for codec, y in decoded:
         assert torch.equal(pred(y)[finite], pred(x.reshape(-1))[finite]), codec.name
+
+
+@SETTINGS
+@given(x=tensors(), group=st.sampled_from([8, 64, 256]))
+def test_clamped_codes_keep_relus_predicate_and_the_bound(x, group):
+    x = torch.relu(x)  # the codec's domain: a clamp's output (NaN and +inf stay, -inf becomes 0)
+    pred = Predicate("le", (0.0,))
+    finite, decoded = _check_lossy(x, group, _keeping(ClampedAffine, x, group, pred))
+    for codec, y in decoded:
+        assert torch.equal(pred(y)[finite], pred(x.reshape(-1))[finite]), codec.name
+        assert (y[pred(y)] == 0).all(), codec.name  # the clamped elements are exact
 
 
 def _check_lossy(x, group, codecs):

@@ -7,7 +7,7 @@ import torch
 import fxcompress
 from fxcompress.codecs import Layout
 from fxcompress.codecs.base import pack_bits, unpack_bits
-from fxcompress.codecs.quant import GroupAffine, GroupFP8, MaskedLossy, SplitAffine
+from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from fxcompress.codecs.uses import Predicate
 from conftest import ZOO_NAMES, compressed, make_model, train_step
 
@@ -16,6 +16,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _codecs(x, group=256):
+    """Every lossy codec for ``x``'s layout. ClampedAffine's domain is a clamp's output; on
+    other input its bound is ``|x|`` where ``x <= 0``, and a -inf there decodes to 0."""
     lay = Layout.of(x)
     for bits in (8, 4, 2):
         for sr in (True, False):
@@ -24,7 +26,8 @@ def _codecs(x, group=256):
         yield GroupFP8(lay, fmt, group)
     relu = Predicate("le", (0.0,))
     for bits in (8, 4, 2):
-        yield SplitAffine(GroupAffine(lay, bits, group, True), relu, relu.near_values(x.dtype))
+        for keeping in (SplitAffine, ClampedAffine):  # ClampedAffine's bound: |x| where x <= 0
+            yield keeping(GroupAffine(lay, bits, group, True), relu, relu.near_values(x.dtype))
 
 
 def _cast_slack(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,6 +110,8 @@ def test_non_finite_group_decodes_non_finite(bad):
     x = torch.randn(1024)
     x[300] = bad
     for codec in _codecs(x):
+        if isinstance(codec, ClampedAffine) and bad < 0:
+            continue  # outside its domain: a ReLU's output holds no -inf (the docstring above)
         y = codec.decode(*codec.encode(x))
         assert y[256:512].isnan().all(), codec.name  # the whole group: never finite garbage
         assert y[:256].isfinite().all() and y[512:].isfinite().all(), codec.name
@@ -151,21 +156,31 @@ def test_restoring_the_predicate_compiles_with_inductor(pred):
     assert torch.equal(pred(y), unpack_bits(bits, q.numel()).view(q.shape))
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("stochastic", [True, False])
-def test_split_codes_keep_relus_mask_in_fewer_bytes_than_a_mask(bits, stochastic):
+def _relu_output():
     torch.manual_seed(0)
     x = torch.relu(torch.randn(16, 8, 8, 8)).to(memory_format=torch.channels_last)
     x[0, :, 0, 0] = 1e-30  # positive, far below one step: must still decode above 0
-    relu = Predicate("le", (0.0,))
+    x[1, :, 0, 0] = 0.0  # a group of zeros alone
+    return x
+
+
+def _keeps_relus_mask(codec, x):
+    """Encode and decode ``x``: the layout kept, ``x <= 0`` exact, within the bound; the parts' bytes."""
+    parts = codec.encode(x)
+    y = codec.decode(*parts)
+    assert y.stride() == x.stride() and torch.equal(y <= 0, x <= 0)
+    assert ((y - x).abs() <= codec.max_error(x) + 1e-7).all()
+    return sum(p.nbytes for p in parts)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_split_codes_keep_relus_mask_in_fewer_bytes_than_a_mask(bits, stochastic):
+    x, relu = _relu_output(), Predicate("le", (0.0,))
     inner = GroupAffine(Layout.of(x), bits, 256, stochastic)
     split, masked = (c(inner, relu, relu.near_values(x.dtype)) for c in (SplitAffine, MaskedLossy))
-    parts = split.encode(x)
-    assert sum(p.nbytes for p in parts) == split.nbytes() == inner.nbytes() + 2 * x.numel() // 256
-    assert split.nbytes() < sum(p.nbytes for p in masked.encode(x))
-    y = split.decode(*parts)
-    assert y.stride() == x.stride() and torch.equal(y <= 0, x <= 0)
-    assert ((y - x).abs() <= split.max_error(x) + 1e-7).all()
+    assert _keeps_relus_mask(split, x) == split.nbytes() == inner.nbytes() + 2 * x.numel() // 256
+    assert split.nbytes() < _keeps_relus_mask(masked, x)
 
 
 def test_split_codes_are_unbiased_away_from_the_threshold():
@@ -178,6 +193,45 @@ def test_split_codes_are_unbiased_away_from_the_threshold():
     step = codec.max_error(x)
     far = (x - 0.5).abs() > step  # within a step of the threshold, codes are pushed to its side
     assert ((mean - x).abs()[far] <= 5 * step[far] / math.sqrt(draws)).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_clamped_codes_keep_relus_mask_in_the_plain_codes_bytes(bits, stochastic):
+    x, relu = _relu_output(), Predicate("le", (0.0,))
+    inner = GroupAffine(Layout.of(x), bits, 256, stochastic)
+    codec = ClampedAffine(inner, relu, relu.near_values(x.dtype))
+    assert _keeps_relus_mask(codec, x) == codec.nbytes() == inner.nbytes()
+    assert (codec.decode(*codec.encode(x))[x <= 0] == 0).all()
+    # the price of the reserved code: a step L / (L - 1) times the plain codec's, no more
+    levels = (1 << bits) - 1
+    assert (codec.max_error(x) <= inner.max_error(x) * levels / (levels - 1) + 1e-7).all()
+
+
+def test_clamped_codes_are_unbiased_up_to_the_threshold():
+    """Unlike split codes, no value is pushed across a step near the threshold: the mean
+    of many draws converges to ``x`` everywhere, the smallest positive values included."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4096))
+    pred = Predicate("le", (0.0,))
+    for bits in (4, 2):
+        codec = ClampedAffine(GroupAffine(Layout.of(x), bits, 256, True), pred, pred.near_values(x.dtype))
+        draws = 400
+        mean = sum(codec.decode(*codec.encode(x)) for _ in range(draws)) / draws
+        step = codec.max_error(x)
+        assert ((mean - x).abs() <= 5 * step / math.sqrt(draws) + 1e-7).all(), bits
+        assert (mean[x == 0] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_clamped_codes_decode_a_non_finite_group_to_nan(bad):
+    x = torch.relu(torch.randn(512))
+    x[:10] = 0.0
+    x[300] = bad
+    pred = Predicate("le", (0.0,))
+    codec = ClampedAffine(GroupAffine(Layout.of(x), 4, 256, True), pred, pred.near_values(x.dtype))
+    y = codec.decode(*codec.encode(x))
+    assert y[256:].isnan().all() and y[:256].isfinite().all() and (y[:10] == 0).all()
 
 
 # Weight-gradient cosine similarity to exact training, one step, dropout off so
@@ -211,9 +265,9 @@ def test_weight_gradient_cosine_per_codec(name):
 
 
 @pytest.mark.parametrize("codec, kw, kept", [
-    ("int4", {}, "+mask[le(0)]"),  # stochastic rounding: the mask, which keeps it unbiased
-    ("int4", {"stochastic_rounding": False}, "+split[le(0)]"),  # to nearest: the codes keep ReLU's mask
-    ("fp8", {}, "+mask[le(0)]"),
+    ("int4", {}, "+clamped[le(0)]"),  # a ReLU's output: a reserved code keeps its mask, unbiased
+    ("int4", {"stochastic_rounding": False}, "+clamped[le(0)]"),
+    ("fp8", {}, "+mask[le(0)]"),  # fp8 has no code to spare
 ])
 def test_quantized_bytes_really_stored(codec, kw, kept):
     from test_lossless import _stored_bytes

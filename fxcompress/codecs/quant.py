@@ -31,7 +31,10 @@ A tensor also read through a predicate (ReLU's ``x <= 0`` in
 packed 1-bit mask beside the codes; with rounding to nearest and a one-sided
 predicate, :class:`SplitAffine` keeps it in the codes themselves, at 2 bytes
 per group instead of a bit per element (and one pass over the tensor fewer).
-Stochastic rounding keeps the mask: the split's forced codes are biased.
+Stochastic rounding keeps the mask there: the split's forced codes are biased.
+The output of a clamp (ReLU: ``x <= 0`` only where ``x == 0``) needs neither:
+:class:`ClampedAffine` reserves code 0 for the clamp value and spreads the
+other codes over the group's values above it, unbiased, at no extra bytes.
 
 A group holding NaN or ±inf decodes to NaN as a whole: non-finite
 activations reach the backward as non-finite (AMP's GradScaler sees them),
@@ -47,7 +50,7 @@ import torch
 from .base import Codec, Layout, pack_bits, pack_codes, unpack_bits, unpack_codes
 from .uses import Predicate
 
-__all__ = ["GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
+__all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # NB: scales never go below fp32's smallest normal number: 1/scale stays finite, and GPUs that
@@ -123,8 +126,7 @@ class GroupAffine(Codec):
         """Per group ``lo``, ``hi``, ``scale``, and the codes of ``g`` as float, before clamping."""
         lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
         scale = self._scale(lo, hi)
-        v = self._steps(g, lo, scale) + (_dither(g) if self.stochastic else 0.5)
-        return lo, hi, scale, v.floor()
+        return lo, hi, scale, (self._steps(g, lo, scale) + self._rounding(g)).floor()
 
     @staticmethod
     def _steps(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -141,9 +143,19 @@ class GroupAffine(Codec):
     def _values(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return (codes.float() * (scale * 0.5) + lo * 0.5) * 2.0
 
-    def _scale(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def _scale(self, lo: torch.Tensor, hi: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """``(hi - lo) / steps`` (``levels`` steps unless told), at least ``_MIN_SCALE``."""
         half_range = hi * 0.5 - lo * 0.5
-        return (half_range * (2.0 / self.levels)).clamp_min(_MIN_SCALE)
+        return (half_range * (2.0 / (steps or self.levels))).clamp_min(_MIN_SCALE)
+
+    def _rounding(self, g: torch.Tensor) -> torch.Tensor | float:
+        """The ``u`` added before ``floor``: the dither, or 1/2 for rounding to nearest."""
+        return _dither(g) if self.stochastic else 0.5
+
+    def _bound(self, scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """One step (stochastic) or half a step (nearest) of ``scale``, plus fp32 rounding in the code arithmetic."""
+        eps = torch.finfo(torch.float32).eps
+        return (scale if self.stochastic else scale / 2) * (1 + 4 * self.levels * eps) + g.abs() * (4 * eps)
 
     def nbytes(self) -> int:
         g = -(-self.layout.numel // self.group)
@@ -154,9 +166,7 @@ class GroupAffine(Codec):
         (stochastic) or half a step (nearest), plus fp32 rounding in the code arithmetic."""
         g = _groups(self.layout, x, self.group)
         scale = self._scale(g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True))
-        eps = torch.finfo(torch.float32).eps
-        bound = (scale if self.stochastic else scale / 2) * (1 + 4 * self.levels * eps) + g.abs() * (4 * eps)
-        return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
+        return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), self._bound(scale, g))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,3 +312,85 @@ class SplitAffine(Codec):
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         """One step of the inner grid for both roundings, plus its fp32 slack."""
         return dataclasses.replace(self.inner, stochastic=True).max_error(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClampedAffine(Codec):
+    """Per-group affine codes for the output of a clamp at ``c`` (ReLU: ``c = 0``), read as values and as ``x <= c``.
+
+    Such a tensor is ``c`` exactly wherever ``x <= c`` holds. Code 0 is
+    reserved for ``c``; codes ``1..L`` (``L = 2**b - 1``) are an affine grid
+    over the group's values above ``c``, from their minimum ``lo`` to the
+    maximum ``hi``, ``L - 1`` steps::
+
+        code = 0                                              where x <= c
+        code = 1 + clamp(floor((x - lo) / scale + u), 0, L - 1) elsewhere,  scale = (hi - lo) / (L - 1)
+        x'   = c if code == 0 else lo + (code - 1) * scale
+
+    The predicate is exact (``code == 0``), no element ever rounds across
+    ``c`` (every grid value is at least ``lo > c``), so stochastic rounding
+    stays unbiased, as with :class:`MaskedLossy`, but with no mask: bytes
+    are the inner codec's. The price is one level of the grid (the step is
+    ``L / (L - 1)`` times the plain codec's over the same range; 1.5x at
+    int2, 1.07x at int4). Bound: the inner codec's for ``x > c``; ``|x - c|``
+    for ``x <= c``, which is 0 on a clamp's output (the only tensors the
+    policy gives this codec).
+    """
+
+    inner: GroupAffine
+    predicate: Predicate  # le(c)
+    near: tuple[float, float]  # Predicate.near_values(dtype), fixed at plan time
+
+    lossless = False
+
+    def __post_init__(self) -> None:
+        if self.predicate.kind != "le" or self.inner.levels < 2:
+            raise ValueError(f"ClampedAffine keeps le(c) with 2 or more bits, not {self.predicate} at {self.inner.bits}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}+clamped[{self.predicate}]"
+
+    @property
+    def steps(self) -> int:
+        return self.inner.levels - 1
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inner = self.inner
+        raw = _groups(inner.layout, x, inner.group, dtype=None)  # the predicate is read as the op reads it
+        g, clamped = raw.float(), self.predicate(raw)
+        lo, hi, scale = self._grid(g, clamped)
+        codes = (inner._steps(g, lo, scale) + inner._rounding(g)).floor().clamp(0, self.steps) + 1
+        # A non-finite group decodes to NaN (``lo``) as a whole: no element gets code 0 (NaN codes would).
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        codes = torch.where(finite, torch.where(clamped, 0.0, codes), 1.0)
+        return inner._pack(codes), _poison_nonfinite(lo, lo, hi), scale
+
+    def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        codes = inner._unpack(packed, lo)
+        clamped = codes == 0
+        values = inner._values(codes.float() - 1, lo, scale)
+        c = torch.scalar_tensor(self.predicate.consts[0], dtype=values.dtype, device=values.device)
+        q = _ungroup(inner.layout, torch.where(clamped, c, values))
+        # NB: a grid value rounds to c only below fp32's normal range (``lo * 0.5`` underflowing);
+        # the restore keeps the predicate exact there too, fused into the same pass.
+        return self.predicate.restore(q, _ungroup(dataclasses.replace(inner.layout, dtype=torch.bool), clamped), self.near)
+
+    def _grid(self, g: torch.Tensor, clamped: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per group ``lo`` (least value above ``c``), ``hi`` and ``scale``; a group of ``c`` alone gets ``lo = hi``."""
+        hi = g.amax(dim=1, keepdim=True)
+        lo = torch.where(clamped, torch.full_like(g, math.inf), g).amin(dim=1, keepdim=True)
+        lo = torch.minimum(lo, hi)
+        return lo, hi, self.inner._scale(lo, hi, self.steps)
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
+    def max_error(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        raw = _groups(inner.layout, x, inner.group, dtype=None)
+        g, clamped = raw.float(), self.predicate(raw)
+        _, _, scale = self._grid(g, clamped)
+        bound = torch.where(clamped, (g - self.predicate.consts[0]).abs(), inner._bound(scale, g))
+        return _ungroup(dataclasses.replace(inner.layout, dtype=torch.float32), bound)

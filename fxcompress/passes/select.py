@@ -20,10 +20,12 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 9. Read as values otherwise: with a per-group lossy codec (or BLPA's
    ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
    :class:`GroupFP8`), and if it is also read through one predicate, that
-   predicate is kept exact: with rounding to nearest and a one-sided
-   predicate (ReLU's ``x <= 0``) by the integer codes themselves
-   (:class:`SplitAffine`), otherwise by a 1-bit mask stored beside the
-   codes (:class:`MaskedLossy`; unbiased, so stochastic rounding keeps it);
+   predicate is kept exact: for a clamp's output read as ``x <= c`` (a
+   ReLU's output read by ``threshold_backward``) by a reserved integer code
+   (:class:`ClampedAffine`, unbiased, no extra bytes); otherwise, with
+   rounding to nearest and a one-sided predicate, by the integer codes
+   themselves (:class:`SplitAffine`); otherwise by a 1-bit mask stored
+   beside the codes (:class:`MaskedLossy`; unbiased);
    without a per-group codec, keep, naming the op that reads the values.
 10. Read only for its shape: :class:`ShapeOnly`.
 11. Read only through one predicate (and shapes): :class:`PredicateMask`.
@@ -39,8 +41,8 @@ import torch.fx as fx
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
 from ..codecs.blpa import BLPA, BLPARelu
-from ..codecs.quant import GroupAffine, GroupFP8, MaskedLossy, SplitAffine
-from ..codecs.uses import ExactUse, IndexUse, PredicateUse, ShapeUse, ValuesUse, uses_of
+from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
+from ..codecs.uses import ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of
 from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig
 from ..config import Codec as CodecName
 from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
@@ -51,6 +53,9 @@ __all__ = ["plan_codecs"]
 #: Off: codes forced to their side of the threshold bias the values within a step of it
 #: (`bench/grad_bias.py --split-codes` measures what that does to the weight gradients).
 SPLIT_STOCHASTIC = False
+#: Give a clamp's output (ReLU) a reserved code for the clamp value (ClampedAffine) instead of a
+#: mask or split codes. A switch for `bench/grad_bias.py --no-clamped-codes`, which measures both.
+CLAMPED_CODES = True
 
 
 def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
@@ -189,10 +194,24 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
             near = predicate.near_values(saved.dtype)
         except ValueError:
             return Decision(inner, f"values read by {ops}; no {saved.dtype} values around {predicate}")
+        if isinstance(inner, GroupAffine) and CLAMPED_CODES and predicate == _clamp_predicate(saved.fw_node):
+            return Decision(ClampedAffine(inner, predicate, near),
+                            f"values read by {ops}; {predicate} kept exact by a reserved code")
         if isinstance(inner, GroupAffine) and (SPLIT_STOCHASTIC or not inner.stochastic) and not predicate.two_sided:
             return Decision(SplitAffine(inner, predicate, near), f"values read by {ops}; {predicate} kept exact by the codes")
         return Decision(MaskedLossy(inner, predicate, near), f"values read by {ops}; {predicate} kept exact")
     return Decision(inner, f"values read by {ops}")
+
+
+def _clamp_predicate(node: fx.Node) -> Predicate | None:
+    """``le(c)`` for a node that clamps from below at a constant ``c`` (its output is ``c`` wherever that holds)."""
+    if node.op != "call_function":
+        return None
+    if node.target is torch.ops.aten.relu.default:
+        return Predicate("le", (0.0,))
+    if node.target is torch.ops.aten.clamp_min.default and isinstance(node.args[1], (int, float)):
+        return Predicate("le", (float(node.args[1]),))
+    return None
 
 
 def view_chain(node: fx.Node, base: fx.Node) -> list[fx.Node]:
