@@ -250,12 +250,6 @@ def environment(device: str) -> dict:
     return env
 
 
-def fxcompress_backend(config, preferred: str = "inductor") -> str:
-    """The backend a benchmark compiles ``config`` with: BLPA needs ``eager`` (Inductor decomposes
-    batch-norm before fxcompress sees it), everything else runs on ``preferred``."""
-    return "eager" if config.codec.value.startswith("blpa") else preferred
-
-
 def open_results(path: str | None, key: str, device: str, command: str | None) -> dict:
     """A results file that runs accumulate into: its ``commands`` (``command`` appended unless
     already there: a rerun replaces its rows), this run's ``environment``, and the rows under

@@ -26,7 +26,7 @@
 Every variant starts from the same seed and sees the same batches. Variants
 are codecs or learning rules (``ara``: stride 2, ``asa2``: both FFN linears),
 as in ``bench/common.py``'s ``compress_config``. On CUDA: bf16 autocast and
-the Inductor backend (BLPA: eager backend); on CPU: fp32 and the eager backend.
+the Inductor backend; on CPU: fp32 and the eager backend.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import compress_config, fxcompress_backend, open_results, put_result  # noqa: E402
+from common import compress_config, open_results, put_result  # noqa: E402
 from fidelity import ASA_LAYERS, _digits, _shakespeare  # noqa: E402
 from fxcompress.models import BasicBlock, TinyTransformer  # noqa: E402
 
@@ -69,7 +69,7 @@ class ResNet18(nn.Module):
 
 def _compile(model: nn.Module, variant: str, device: str) -> nn.Module:
     config = compress_config(variant, ara_stride=2, asa_layers=ASA_LAYERS)
-    return fxcompress.compile(model, config, backend=fxcompress_backend(config, "inductor" if device.startswith("cuda") else "eager"))
+    return fxcompress.compile(model, config, backend="inductor" if device.startswith("cuda") else "eager")
 
 
 def _cosine(step: int, total: int, warmup: int, lr: float, lr_min: float) -> float:

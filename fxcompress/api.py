@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from .capture import CaptureLog, make_backend
-from .config import BLPA_BITS, Backend, CompressConfig, LearningRule
-from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError, UnsupportedError
+from .config import Backend, CompressConfig, LearningRule
+from .errors import CaptureError, ConfigError, FxCompressError, NotCapturedError
 from .ir import Report, ReportRow
 from .passes.auxiliary import apply_asa, buffers_restored
 from .passes.buffers import plan_buffers
@@ -50,12 +50,6 @@ def compile(
             f"backend={backend!r} is not accepted; use one of {', '.join(repr(b.value) for b in Backend)}"
         ) from None
     config.check_implemented()
-    if config.codec in BLPA_BITS and backend is Backend.INDUCTOR:
-        raise UnsupportedError(
-            f"codec={config.codec.value!r} needs backend='eager' in this version: Inductor decomposes "
-            f"batch-norm before fxcompress sees the graph, so the BN-aware code has nothing to attach to; "
-            f"use backend='eager', or a per-group codec ('int8', 'int4', 'int2', 'fp8') with Inductor"
-        )
     return CompressedModule(model, config, backend)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import api
-from .config import BLPA_BITS, IMPLEMENTED_CODECS, Backend, Codec, CompressConfig
+from .config import IMPLEMENTED_CODECS, Backend, Codec, CompressConfig
 from .errors import FxCompressError
 from .visualize.report import format_bytes
 
@@ -106,10 +106,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models import ResidualCNN, TinyTransformer
 
     codecs = [Codec(c) for c in args.codecs] if args.codecs else sorted(IMPLEMENTED_CODECS, key=list(Codec).index)
-    if args.backend == Backend.INDUCTOR.value and not args.codecs:
-        skipped = [c for c in codecs if c in BLPA_BITS]
-        codecs = [c for c in codecs if c not in BLPA_BITS]
-        _progress(f"skipping {', '.join(c.value for c in skipped)}: BLPA needs --backend eager")
     if args.steps < 1:
         raise CliError(f"--steps {args.steps} is not accepted; use an int >= 1")
     shown = Codec(args.report) if args.report else codecs[-1]

@@ -77,6 +77,43 @@ def test_blpa_end_to_end_on_convnets(codec, threshold):
         assert report.saved_bytes_after < report.saved_bytes_before / 2
 
 
+def _weight_grads(step, model):
+    return torch.cat([step.grads[n].flatten() for n, p in model.named_parameters() if p.dim() > 1])
+
+
+def test_blpa_on_inductor_finds_the_decomposed_batch_norms():
+    """Inductor decomposes batch-norm before fxcompress sees the graph: BLPA finds it as
+    ``var_mean``, ``(x - mean) * rsqrt(var + eps) * gamma + beta``; the codes are eager's."""
+    model, x = make_model("resnet")
+    _no_dropout(model)
+    exact = _weight_grads(train_step(model, x, compressed("none")), model)
+    eager = train_step(model, x, compressed("blpa4"))
+    torch._dynamo.reset()
+    inductor = train_step(model, x, compressed("blpa4", backend="inductor"))
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(_weight_grads(inductor, model), exact, dim=0)) >= 0.99
+    assert float(cos(_weight_grads(inductor, model), _weight_grads(eager, model), dim=0)) >= 0.9999
+    rows = {backend: [r.codec.split("(")[0] for r in fxcompress.explain(step.module).rows]
+            for backend, step in (("eager", eager), ("inductor", inductor))}
+    assert rows["inductor"].count("blpa4") == rows["eager"].count("blpa4") == 10  # every batch-norm input
+    assert rows["inductor"].count("blpa4:relu") >= 4  # each ReLU right after a batch-norm
+    assert _stored_bytes(inductor.module, model, x) == fxcompress.explain(inductor.module).saved_bytes_after
+
+
+def test_blpa_on_inductor_under_autocast():
+    """Under bf16 autocast the decomposition casts x to fp32 for its statistics and y back."""
+    model, x = make_model("convnet")
+    _no_dropout(model)
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="blpa4"), backend="inductor")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cm(x)
+    out.float().pow(2).mean().backward()
+    codecs = [r.codec.split("(")[0] for r in fxcompress.explain(cm).rows]
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert codecs.count("blpa4") == bns and "blpa4:relu" in codecs
+    assert all(p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_blpa_fallback_quantizes_what_the_paper_keeps():
     model, x = make_model("resnet")
     plain = train_step(model, x, compressed("blpa4"))

@@ -50,12 +50,6 @@ def test_compile_rejects_bad_backend_and_config():
         fxcompress.compile(nn.Linear(2, 2), {"codec": "int4"})
 
 
-@pytest.mark.parametrize("codec", ["blpa8", "blpa4"])
-def test_blpa_on_inductor_fails_loudly(codec):
-    with pytest.raises(fxcompress.UnsupportedError, match=f"codec='{codec}' needs backend='eager'"):
-        fxcompress.compile(nn.Linear(2, 2), CompressConfig(codec=codec), backend="inductor")
-
-
 def test_explain_before_capture_and_on_wrong_type():
     cm = fxcompress.compile(nn.Linear(2, 2), backend="eager")
     with pytest.raises(fxcompress.NotCapturedError, match="training-mode forward"):

@@ -140,13 +140,6 @@ def test_cli_unknown_choice_is_refused_by_the_parser_with_the_choices(capsys):
     assert "invalid choice: 'int3'" in err and "'int8'" in err and "'lossless'" in err
 
 
-def test_cli_blpa_with_inductor_names_the_fix(capsys):
-    err = cli_error(capsys, "explain", "fxcompress.models:MLP", "--input", "2x64",
-                    "--codec", "blpa8", "--backend", "inductor")
-    assert "codec='blpa8' needs backend='eager'" in err
-    assert "use backend='eager', or a per-group codec ('int8', 'int4', 'int2', 'fp8') with Inductor" in err
-
-
 # ---- CompressConfig (fxcompress/config.py)
 
 

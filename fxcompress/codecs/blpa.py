@@ -67,6 +67,7 @@ class BLPA(Codec):
     def encode(self, x, y, gamma, beta, mean, invstd) -> tuple[torch.Tensor, ...]:
         nd, n_bins, width = x.dim(), self.bins, self.width
         tiny = torch.finfo(torch.float32).smallest_normal
+        mean, invstd = mean.reshape(-1), invstd.reshape(-1)  # per channel: (C,), or (1, C, 1, 1) decomposed
         g = gamma.float() if gamma is not None else torch.ones_like(mean, dtype=torch.float32)
         bias = beta.float() if beta is not None else torch.zeros_like(g)
         sign = torch.where(g < 0, -1.0, 1.0)

@@ -33,6 +33,7 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -42,7 +43,7 @@ from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
 from ..codecs.blpa import BLPA, BLPARelu
 from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
-from ..codecs.uses import ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of
+from ..codecs.uses import ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of, view_root
 from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig
 from ..config import Codec as CodecName
 from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
@@ -141,31 +142,96 @@ _BN_TRAINING_OPS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class _BatchNorm:
+    """A training-mode batch-norm of a saved tensor, as the forward graph computes it."""
+
+    name: str  # for the report: the op, or the decomposition's var_mean
+    output: fx.Node  # y = gamma * xhat + beta (before any activation)
+    gamma: fx.Node
+    beta: fx.Node
+    mean: fx.Node
+    invstd: fx.Node
+
+
+def _batch_norm_of(x: fx.Node) -> _BatchNorm | None:
+    """The training-mode batch-norm that normalizes ``x``: the aten op (eager backend), or its
+    decomposition (Inductor's: ``var_mean`` over all but dim 1, ``(x - mean) * rsqrt(var + eps)``,
+    ``* gamma + beta``; through a cast to fp32 under autocast); ``None`` if there is none, or no affine."""
+    for user in x.users:
+        if user.target in _BN_TRAINING_OPS and user.args[0] is x and user.args[_BN_TRAINING_OPS[user.target]] is True:
+            results = {u.args[1]: u for u in user.users if u.target is operator.getitem}
+            gamma, beta = user.args[1], user.args[2]
+            if {0, 1, 2} <= results.keys() and isinstance(gamma, fx.Node) and isinstance(beta, fx.Node):
+                return _BatchNorm(target_name(user), results[0], gamma, beta, results[1], results[2])
+    sources = [x] + [u for u in x.users if u.target is _CAST and u.args[1] == torch.float32]
+    for src in sources:
+        for v in src.users:
+            if v.target is torch.ops.aten.var_mean.correction and v.args[0] is src:
+                found = _decomposed_batch_norm(sources, v)
+                if found is not None:
+                    return found
+    return None
+
+
+_CAST = torch.ops.prims.convert_element_type.default
+
+
+def _decomposed_batch_norm(sources: list[fx.Node], var_mean: fx.Node) -> _BatchNorm | None:
+    """``sources``: the saved tensor and its fp32 casts (autocast: ``var_mean`` reads the cast,
+    ``x - mean`` may read either)."""
+    nd = len(sources[0].meta["val"].shape)
+    dims = var_mean.args[1] if len(var_mean.args) > 1 else var_mean.kwargs.get("dim")
+    if nd < 2 or dims is None or sorted(d % nd for d in dims) != [d for d in range(nd) if d != 1]:
+        return None
+    if var_mean.kwargs.get("correction", 1) != 0 or not var_mean.kwargs.get("keepdim", False):
+        return None
+    stats = {u.args[1]: u for u in var_mean.users if u.target is operator.getitem}
+    if stats.keys() != {0, 1}:
+        return None
+
+    def only(node: fx.Node, target: object, other: fx.Node | None = None) -> fx.Node | None:
+        """The user of ``node`` applying ``target`` (to ``other`` as its second operand, if given)."""
+        hits = [u for u in node.users if u.target is target and u.args[0] is node
+                and (other is None or u.args[1] is other)]
+        return hits[0] if len(hits) == 1 else None
+
+    eps = only(stats[0], torch.ops.aten.add.Tensor)
+    invstd = eps and only(eps, torch.ops.aten.rsqrt.default)
+    centred = next((c for c in (only(src, torch.ops.aten.sub.Tensor, stats[1]) for src in sources) if c), None)
+    xhat = centred and invstd and only(centred, torch.ops.aten.mul.Tensor, invstd)
+    scaled = xhat and only(xhat, torch.ops.aten.mul.Tensor)
+    shifted = scaled and only(scaled, torch.ops.aten.add.Tensor)
+    if shifted is None or not all(isinstance(a, fx.Node) for a in (scaled.args[1], shifted.args[1])):
+        return None
+    gamma, beta = view_root(scaled.args[1]), view_root(shifted.args[1])
+    channels = sources[0].meta["val"].shape[1]
+    if any(g.op != "placeholder" or tuple(g.meta["val"].shape) != (channels,) for g in (gamma, beta)):
+        return None
+    # under autocast the decomposition computes in fp32 and casts y back: the model (its ReLU) reads the cast
+    casts = [u for u in shifted.users if u.target is _CAST]
+    output = casts[0] if len(shifted.users) == 1 and casts else shifted
+    return _BatchNorm("batch-norm (decomposed)", output, gamma, beta, stats[1], invstd)
+
+
 def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
     """BLPA codes for saved batch-norm inputs, and the saved ReLUs decoded from them."""
     by_node = {s.fw_node: s for s in program.saved}
     out: dict[int, Decision] = {}
     for saved in program.saved:
-        bn = next(
-            (u for u in saved.fw_node.users
-             if u.target in _BN_TRAINING_OPS and u.args[0] is saved.fw_node and u.args[_BN_TRAINING_OPS[u.target]] is True),
-            None,
-        )
-        if bn is None or saved.is_graph_input or not saved.dtype.is_floating_point or len(saved.shape) < 2:
+        if saved.is_graph_input or not saved.dtype.is_floating_point or len(saved.shape) < 2:
             continue
-        results = {u.args[1]: u for u in bn.users if u.target is operator.getitem}
-        gamma, beta = bn.args[1], bn.args[2]
+        bn = _batch_norm_of(saved.fw_node)
         layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
-        if not ({0, 1, 2} <= results.keys() and isinstance(gamma, fx.Node) and isinstance(beta, fx.Node)
-                and layout.is_dense()):
+        if bn is None or not layout.is_dense():
             continue
         codec = BLPA(layout, bits)
         out[saved.index] = Decision(
             codec,
-            f"input of {target_name(bn)}: BN-aware {bits}-bit code",
-            extra_inputs=(results[0], gamma, beta, results[1], results[2]),
+            f"input of {bn.name}: BN-aware {bits}-bit code",
+            extra_inputs=(bn.output, bn.gamma, bn.beta, bn.mean, bn.invstd),
         )
-        for user in results[0].users:
+        for user in bn.output.users:
             relu = by_node.get(user)
             if user.target is torch.ops.aten.relu.default and relu is not None and not relu.is_forward_output:
                 out[relu.index] = Decision(
