@@ -7,6 +7,7 @@ Examples::
     fxcompress explain fxcompress.models:ConvNet --input 8x3x16x16 --codec lossless
     fxcompress explain fxcompress.models:TinyTransformer --input int:4x32:96
     fxcompress explain torchvision.models:resnet50 --input 8x3x224x224 --codec int4 --autocast bf16
+    fxcompress explain torchvision.models:resnet50 --input 8x3x224x224 --codec blpa4 --set blpa_fallback=int4
     fxcompress visualize fxcompress.models:ResidualCNN --input 8x3x32x32 --codec int4 -o step.svg
 
 Input shapes: ``AxBxC`` is a float tensor of that shape (standard normal);
@@ -15,6 +16,8 @@ Input shapes: ``AxBxC`` is a float tensor of that shape (standard normal);
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import importlib
 import sys
 import time
@@ -28,7 +31,7 @@ from .config import IMPLEMENTED_CODECS, Backend, Codec, CompressConfig
 from .errors import FxCompressError
 from .visualize.report import format_bytes
 
-__all__ = ["main", "parse_input", "load_factory"]
+__all__ = ["main", "parse_input", "parse_settings", "load_factory"]
 
 
 class CliError(FxCompressError):
@@ -52,6 +55,30 @@ def parse_input(spec: str) -> torch.Tensor:
         return torch.randn(shape)
     except ValueError:
         raise CliError(f"--input {spec!r} is malformed; {form}") from None
+
+
+def parse_settings(pairs: Sequence[str]) -> dict:
+    """``["group_size=64", "ara_stride=3,4,2,2"]`` -> CompressConfig keyword arguments.
+
+    A value is read as a Python literal where it is one (``64``, ``False``, ``3,4,2,2``
+    as a tuple, ``0.02``), as text otherwise (``int4``); CompressConfig checks it.
+    """
+    fields = [f.name for f in dataclasses.fields(CompressConfig) if f.name != "codec"]
+    out = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise CliError(f"--set {pair!r} is malformed; use FIELD=VALUE, e.g. --set group_size=64")
+        if name not in fields:
+            hint = " (use --codec)" if name == "codec" else ""
+            raise CliError(f"--set {pair!r}: {name!r} is not a CompressConfig field{hint}; "
+                           f"accepted fields: {', '.join(fields)}")
+        try:
+            out[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            out[name] = text.strip()
+    return out
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -141,6 +168,7 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _capture(args: argparse.Namespace):
     """Build MODULE:FACTORY, compile it, run one training step on random inputs."""
+    config = CompressConfig(codec=args.codec, **parse_settings(args.set))  # bad settings fail before the build
     factory = load_factory(args.model)
     inputs = [parse_input(s) for s in args.input]
     _progress(f"building {args.model}")
@@ -154,7 +182,7 @@ def _capture(args: argparse.Namespace):
             f"{args.model!r} returned {type(model).__name__}, not an nn.Module; give a model class or a "
             f"function that returns a torch.nn.Module"
         )
-    cm = api.compile(model, CompressConfig(codec=args.codec), backend=args.backend)
+    cm = api.compile(model, config, backend=args.backend)
     cm.train()
     amp = f", {args.autocast} autocast" if args.autocast else ""
     _progress(f"capturing one training step ({args.backend} backend{amp})")
@@ -222,6 +250,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", required=True, help="8x3x224x224 or int:8x1024:50257 (repeatable)")
     p.add_argument("--codec", choices=codec_names, default="lossless")
     p.add_argument("--backend", choices=[b.value for b in Backend], default="eager")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other CompressConfig field, e.g. --set group_size=64 --set learning_rule=ara "
+                        "(repeatable; see the README's configuration table)")
     p.add_argument("--autocast", choices=sorted(AUTOCAST), help="capture the step under CPU autocast "
                    "to this dtype, as mixed-precision training runs it (default: off, the model's own dtypes)")
 

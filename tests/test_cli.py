@@ -53,3 +53,16 @@ def test_parse_input_and_load_factory():
         with pytest.raises(CliError):
             parse_input(bad)
     assert load_factory("fxcompress.models:MLP").__name__ == "MLP"
+
+
+def test_set_reads_config_fields_as_literals(capsys):
+    from fxcompress.cli import main, parse_settings
+
+    assert parse_settings(["group_size=64", "ara-stride=3,4,2,2", "stochastic_rounding=False",
+                           "asa_epsilon=0.02", "blpa_fallback=int4"]) == {
+        "group_size": 64, "ara_stride": (3, 4, 2, 2), "stochastic_rounding": False,
+        "asa_epsilon": 0.02, "blpa_fallback": "int4"}
+    assert main(["explain", "fxcompress.models:MLP", "--input", "4x64", "--codec", "int4",
+                 "--set", "group_size=64", "--set", "stochastic_rounding=False"]) == 0
+    out = capsys.readouterr().out
+    assert "group_size=64, stochastic_rounding=False" in out and "int4/det" in out

@@ -75,6 +75,14 @@ def cli_error(capsys, *argv: str) -> str:
          "--input '2xabc' is malformed", "accepted forms: '8x3x32x32' (float) or 'int:4x128:50257'"),
         (["explain", "fxcompress.models:MLP", "--input", "int:2x3:0"],
          "--input 'int:2x3:0' is malformed", "accepted forms: '8x3x32x32' (float) or 'int:4x128:50257'"),
+        (["explain", "fxcompress.models:MLP", "--input", "2x64", "--set", "grup_size=64"],
+         "--set 'grup_size=64': 'grup_size' is not a CompressConfig field", "accepted fields: learning_rule, min_bytes"),
+        (["explain", "fxcompress.models:MLP", "--input", "2x64", "--set", "codec=int4"],
+         "'codec' is not a CompressConfig field (use --codec)", "accepted fields:"),
+        (["explain", "fxcompress.models:MLP", "--input", "2x64", "--set", "group_size"],
+         "--set 'group_size' is malformed", "use FIELD=VALUE, e.g. --set group_size=64"),
+        (["explain", "fxcompress.models:MLP", "--input", "2x64", "--set", "group_size=abc"],
+         "group_size='abc' is not accepted", "use a positive multiple of 8"),
     ],
 )
 def test_cli_argument_errors_name_problem_and_fix(capsys, argv, problem, fix):
