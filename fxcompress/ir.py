@@ -9,8 +9,10 @@ key :data:`META_KEY`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import operator
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -179,6 +181,22 @@ class Report:
     @property
     def saved_bytes_after(self) -> int:
         return sum(r.bytes_after for r in self.rows if r.counted)
+
+    def by_codec(self) -> list[tuple[str, int, int, int]]:
+        """The counted rows grouped by what happened to them, most bytes after first:
+        ``(label, tensors, bytes before, bytes after)``. The label is the codec (without the
+        tensor it names, as in ``alias(x)``), or for a tensor kept as it is, ``kept: `` and why."""
+        groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+        for r in self.rows:
+            if not r.counted:
+                continue
+            if r.codec == "none":
+                label = "kept: " + re.split(r"[:(]", r.reason)[0].strip()
+            else:
+                label = re.sub(r"\(.*\)$", "", r.codec)
+            g = groups[label]
+            g[0], g[1], g[2] = g[0] + 1, g[1] + r.bytes_before, g[2] + r.bytes_after
+        return sorted(((k, *v) for k, v in groups.items()), key=lambda t: (-t[3], -t[2], t[0]))
 
     def __str__(self) -> str:
         from .visualize.report import format_report

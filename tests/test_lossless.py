@@ -94,6 +94,15 @@ def test_report_rows_and_text():
     assert all(r.name in text for r in counted)
     inputs = len(report.rows) - len(counted)
     assert inputs and f"also saved, not counted: {inputs} graph inputs" in text
+    # the summary by codec: every counted row in exactly one group, largest after first
+    groups = report.by_codec()
+    assert sum(g[1] for g in groups) == len(counted)
+    assert sum(g[2] for g in groups) == report.saved_bytes_before
+    assert sum(g[3] for g in groups) == report.saved_bytes_after
+    assert [g[3] for g in groups] == sorted((g[3] for g in groups), reverse=True)
+    labels = {g[0] for g in groups}
+    assert {"bitmask", "narrow[uint8]", "kept: tiny"} <= labels and "alias" in labels
+    assert "by codec, most bytes after first:" in text and all(g[0] in text for g in groups)
 
 
 def test_relu_mask_is_exact_with_nan_and_inf_activations():

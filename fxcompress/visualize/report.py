@@ -43,6 +43,12 @@ def format_report(report: "Report") -> str:
     ratio = f"{before / after:.2f}x smaller" if after else "nothing left saved"
     out.append("")
     out.append(f"saved for backward: {format_bytes(before)} -> {format_bytes(after)} ({ratio})")
+    groups = report.by_codec()
+    if groups:
+        width = max(len(g[0]) for g in groups)
+        out.append("by codec, most bytes after first:")
+        out += [f"  {label:<{width}}  {n:4d} tensor{'s' if n != 1 else ' '}  {format_bytes(b):>11} -> {format_bytes(a):>11}"
+                for label, n, b, a in groups]
     if inputs:
         total = sum(r.bytes_before for r in inputs)
         out.append(
