@@ -280,16 +280,45 @@ def test_quantized_bytes_really_stored(codec, kw, kept):
 
 
 def test_statistics_and_attention_internals_stay_exact():
+    """Normalization statistics, and what fused attention's backward feeds into its softmax
+    recompute (q, k, log-sum-exp) stay exact; its output, read only linearly, is quantized."""
     model, x = make_model("transformer")
     _no_dropout(model)
     step = train_step(model, x, compressed("int4", min_bytes=0))
     rows = [r for r in fxcompress.explain(step.module).rows if r.counted]
     stats = [r for r in rows if r.op in ("native_layer_norm[1]", "native_layer_norm[2]")]
-    attention = [r for r in rows if r.op.startswith("_scaled_dot_product")]
-    assert stats and attention
-    for r in stats + attention:
+    lse = [r for r in rows if r.op.startswith("_scaled_dot_product") and r.op.endswith("[1]")]
+    assert stats and lse
+    for r in stats + lse:
         assert r.codec == "none" and "needs exact values" in r.reason, r
-    assert any(r.codec.startswith("int4") for r in rows)
+    attention_reads = [r for r in rows if "_scaled_dot_product_flash_attention_for_cpu_backward" in r.reason]
+    assert any(r.codec.startswith("int4") for r in attention_reads)  # the attention output
+    assert sum(r.codec.startswith("int4") for r in attention_reads) == 2  # one per layer: q, k stay
+
+
+class _Attention(torch.nn.Module):
+    """Separate dense q, k, v (no shared projection buffer): the policy alone decides each."""
+
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = [f(x).view(b, t, self.heads, d // self.heads).transpose(1, 2).contiguous() for f in (self.q, self.k, self.v)]
+        return torch.nn.functional.scaled_dot_product_attention(*split, is_causal=True).sum(1)
+
+
+def test_fused_attention_keeps_q_k_and_logsumexp_exact_and_quantizes_v_and_out():
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(4, 32, 64)
+    step = train_step(model, x, compressed("int4"))
+    reads = [r for r in fxcompress.explain(step.module).rows
+             if r.counted and "_scaled_dot_product_flash_attention_for_cpu_backward" in r.reason]
+    exact = [r for r in reads if r.codec == "none"]
+    assert len(exact) == 3 and all("needs exact values" in r.reason for r in exact)  # q, k, log-sum-exp
+    assert sum(r.codec.startswith("int4") for r in reads) == 2  # v and the output
 
 
 @pytest.mark.parametrize("name", ["convnet", "transformer"])

@@ -307,22 +307,30 @@ for _op in _SHAPE_ONLY_OPS:
     _ARG_USES[(_op, 0)] = _shape
 
 # Statistics and attention internals: a small error here is amplified (an
-# inverse standard deviation scales a whole row; the log-sum-exp
-# renormalizes a softmax that the backward recomputes), so no lossy codec.
+# inverse standard deviation scales a whole row; the fused attention backward
+# recomputes the softmax as exp(q k^T * scale - logsumexp), where an error in
+# q, k or the log-sum-exp moves an exponent), so no lossy codec. The attention
+# backward reads value and out only linearly (dP = dO v^T; D = rowsum(dO * out)),
+# like a matmul its input: those take a lossy codec as any activation does.
 _EXACT_ARGS = {
-    aten.native_batch_norm_backward.default: (5, 6),
-    aten.native_layer_norm_backward.default: (3, 4),
-    aten.native_group_norm_backward.default: (2, 3),
-    aten._scaled_dot_product_flash_attention_backward.default: tuple(range(1, 7)),
-    aten._scaled_dot_product_efficient_attention_backward.default: tuple(range(1, 7)),
-    aten._scaled_dot_product_cudnn_attention_backward.default: tuple(range(1, 7)),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: tuple(range(1, 7)),
-    aten._flash_attention_backward.default: tuple(range(1, 7)),
-    aten._efficient_attention_backward.default: tuple(range(1, 7)),
+    aten.native_batch_norm_backward.default: ("save_mean", "save_invstd"),
+    aten.native_layer_norm_backward.default: ("mean", "rstd"),
+    aten.native_group_norm_backward.default: ("mean", "rstd"),
 }
-for _op, _slots in _EXACT_ARGS.items():
-    for _slot in _slots:
-        _ARG_USES.setdefault((_op, _slot), _exact)
+_ATTENTION_EXACT = ("query", "key", "logsumexp", "attn_bias", "bias", "attn_mask")
+for _op in (
+    aten._scaled_dot_product_flash_attention_backward.default,
+    aten._scaled_dot_product_efficient_attention_backward.default,
+    aten._scaled_dot_product_cudnn_attention_backward.default,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    aten._flash_attention_backward.default,
+    aten._efficient_attention_backward.default,
+):
+    _EXACT_ARGS[_op] = _ATTENTION_EXACT
+for _op, _names in _EXACT_ARGS.items():
+    for _slot, _arg in enumerate(_op._schema.arguments):
+        if _arg.name in _names:
+            _ARG_USES.setdefault((_op, _slot), _exact)
 
 
 def view_root(node: fx.Node) -> fx.Node:

@@ -14,7 +14,7 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 6. Not dense in memory (gaps or overlaps): keep.
 7. bool: :class:`BitMask`.
 8. Read as values by an op that needs them exact (normalization
-   statistics, attention internals), or computed from parameters alone
+   statistics, attention's q, k and log-sum-exp), or computed from parameters alone
    (autocast's low-precision weight copy, which input gradients read, so an
    error in it would reach every earlier layer): keep.
 9. Read as values otherwise: with a per-group lossy codec (or BLPA's
