@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One device call that measures what the open issues most need, in priority order, within a
+# deadline: a lent GPU session has about 15 minutes of device time in all (start-up included),
+# and one call may run 10 minutes. Each step starts only if the time it is budgeted still fits,
+# runs under `timeout`, and copies what it wrote to $OUT at once, so a step cut short loses
+# only itself. Run from the repository root on the device machine:
+#
+#     bash bench/gpu_session.sh            # DEADLINE=560 seconds by default
+#     DEADLINE=300 STEPS="tests step" bash bench/gpu_session.sh
+#
+# Then, here: copy $OUT's bench/results files into bench/results/, `python bench/report.py`,
+# commit with the device, torch version and this command. Steps (STEPS picks some, in order):
+#   step     issue 3's targets: ResNet-50 batch 256 bf16, torch.compile vs fxcompress int4/int2
+#   traffic  what Triton fuses of the codecs (kernel roles and bytes), ResNet-50 batch 64
+#   tests    tests/test_gpu.py: NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility
+#   blpa     ResNet-50 blpa4 and int8 beside the rows of `step` (issue 3's table)
+#   gpt2     GPT-2 small 16 x 1024: torch.compile vs lossless/int8/int4 (issues 2 and 6)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+DEADLINE=${DEADLINE:-560}
+STEPS=${STEPS:-step traffic tests blpa gpt2}
+H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
+mkdir -p "$OUT/bench/results" "$OUT/logs"
+start=$SECONDS
+
+run_step() {  # NAME BUDGET_SECONDS COMMAND...: run if BUDGET still fits before the deadline
+    local name=$1 budget=$2; shift 2
+    local left=$((DEADLINE - (SECONDS - start)))
+    if ((left < budget)); then
+        echo "[session] skip $name: $left s left, budgeted $budget s"
+        return
+    fi
+    echo "[session] $name (budget $budget s, $left s left): $*"
+    timeout "$budget" "$@" 2>&1 | tee "$OUT/logs/$name.log"
+    echo "[session] $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+    cp bench/results/*.json "$OUT/bench/results/" 2>/dev/null || true
+}
+
+python3 -c "import torch, fxcompress; print('[session]', torch.__version__, torch.cuda.get_device_name())" || exit 1
+for s in $STEPS; do
+    case $s in
+        # compile times on an H100 (2026-11-22): torch.compile 47 s, int4 95 s, int2 131 s, plus ~20 s start-up
+        step) run_step step 420 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
+                  --variants torch.compile "fxcompress int4" "fxcompress int2" --out "bench/results/step_$H.json" ;;
+        traffic) run_step traffic 200 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
+                  --variants plain int4 --out "bench/results/traffic_$H.json" ;;
+        tests) run_step tests 150 python3 -m pytest -q -x tests/test_gpu.py ;;
+        blpa) run_step blpa 330 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
+                  --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
+        gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \
+                  --variants torch.compile "fxcompress int8" "fxcompress int4" --out "bench/results/step_$H.json" ;;
+        *) echo "[session] unknown step $s (known: step traffic tests blpa gpt2)"; exit 2 ;;
+    esac
+done
+echo "[session] done after $((SECONDS - start)) s; results in $OUT/bench/results"
