@@ -29,8 +29,8 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .codecs.uses import VIEW_OPS, terminal_users, view_root
-from .config import Backend, BasePartitioner, CompressConfig, LearningRule
+from .codecs.uses import terminal_users, view_parent, view_root
+from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule
 from .errors import InternalError
 from .ir import CodecPlan, Program, SavedTensor, tensor_nbytes
 from .passes.auxiliary import Substitution, apply_ara
@@ -55,9 +55,7 @@ def extract_program(
     """
     outputs = list(fw.graph.output_node().args[0])
     extra = outputs[num_fwd_outputs:]
-    tensors = [n for n in extra if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), FakeTensor)]
-    if extra[: len(tensors)] != tensors:
-        raise InternalError(f"{name}: saved tensors are not a prefix of the saved values")
+    tensors = _saved_tensor_prefix(extra)
     n_sym = sum(1 for n in extra if isinstance(n, fx.Node) and _is_sym(n))
     bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
     fw_inputs = {n for n in fw.graph.nodes if n.op == "placeholder"}
@@ -113,11 +111,70 @@ def _is_sym(node: fx.Node) -> bool:
 
 def _view_base(node: fx.Node, index_of: dict[fx.Node, int]) -> int | None:
     """Index of the nearest saved tensor that ``node`` is a chain of views of."""
-    while node.op == "call_function" and node.target in VIEW_OPS:
-        node = node.args[0]
+    node = view_parent(node)
+    while node is not None:
         if node in index_of:
             return index_of[node]
+        node = view_parent(node)
     return None
+
+
+def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Save the base of saved tensors that are views of one unsaved forward tensor, which they cover.
+
+    q, k and v split from one projection (GPT-2's ``c_attn``) are saved as three
+    views of its output; that storage stays alive whole while any of them is
+    saved, and none of them is dense, so no codec applies to any. Saving the base
+    too makes each view an alias of it (re-created from it in the backward): the
+    storage is stored once, seen whole by the policy. Only where the views hold
+    at least the base's element count, so the report never counts more bytes
+    than were saved, and several views or a non-dense one share it. Edits the partitioned graphs in place; returns how many
+    bases it added.
+    """
+    outputs = list(fw.graph.output_node().args[0])
+    tensors = _saved_tensor_prefix(outputs[num_fwd_outputs:])
+    saved = set(tensors)
+    groups: dict[fx.Node, list[int]] = {}
+    for i, node in enumerate(tensors):
+        root, parent = node, view_parent(node)
+        while parent is not None and parent not in saved:
+            root, parent = parent, view_parent(parent)
+        if parent is None and root is not node and root.op == "call_function":
+            groups.setdefault(root, []).append(i)
+    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    n_sym = sum(1 for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node) and _is_sym(n))
+    added = []
+    for root, members in groups.items():
+        val = root.meta.get("val")
+        if not isinstance(val, FakeTensor) or not _is_dense(val):
+            continue
+        if sum(tensors[i].meta["val"].numel() for i in members) < val.numel():
+            continue
+        if len(members) == 1 and _is_dense(tensors[members[0]].meta["val"]):
+            continue  # one dense view (a detach): a codec applies to it as it is
+        added.append((min(members), root))
+    for first, root in sorted(added, key=lambda a: -a[0]):  # from the back: earlier positions stay valid
+        outputs.insert(num_fwd_outputs + first, root)
+        with bw.graph.inserting_before(bw_phs[n_sym + first]):
+            ph = bw.graph.placeholder(f"{root.name}_base")
+        ph.meta["val"] = root.meta["val"]
+    if added:
+        fw.graph.output_node().args = (tuple(outputs),)
+        for gm in (fw, bw):
+            gm.graph.lint()
+            gm.recompile()
+    return len(added)
+
+
+def _saved_tensor_prefix(extra: list) -> list[fx.Node]:
+    tensors = [n for n in extra if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), FakeTensor)]
+    if extra[: len(tensors)] != tensors:
+        raise InternalError("saved tensors are not a prefix of the saved values")
+    return tensors
+
+
+def _is_dense(val: torch.Tensor) -> bool:
+    return val.is_contiguous() or val.is_contiguous(memory_format=torch.channels_last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +262,8 @@ class Partitioner(CustomPartitionerFn):
         # NB: the forward's placeholders are the joint graph's primals, in order and by name.
         primals = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         parameters = frozenset(primals[i] for i in kwargs.get("static_lifetime_input_indices") or ())
+        if self.config.codec is not Codec.NONE:
+            save_view_bases(fw, bw, kwargs["num_fwd_outputs"])
         program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
         learned, substitutions = program, ()
         if self.config.learning_rule is LearningRule.ARA:

@@ -280,8 +280,9 @@ def test_quantized_bytes_really_stored(codec, kw, kept):
 
 
 def test_statistics_and_attention_internals_stay_exact():
-    """Normalization statistics, and what fused attention's backward feeds into its softmax
-    recompute (q, k, log-sum-exp) stay exact; its output, read only linearly, is quantized."""
+    """Normalization statistics and fused attention's log-sum-exp stay exact; q, k and v, views
+    of one projection's output, are saved once as that output, at 8 bits at least (q and k enter
+    the softmax recompute); the attention output, read only linearly, takes the codec."""
     model, x = make_model("transformer")
     _no_dropout(model)
     step = train_step(model, x, compressed("int4", min_bytes=0))
@@ -292,8 +293,25 @@ def test_statistics_and_attention_internals_stay_exact():
     for r in stats + lse:
         assert r.codec == "none" and "needs exact values" in r.reason, r
     attention_reads = [r for r in rows if "_scaled_dot_product_flash_attention_for_cpu_backward" in r.reason]
-    assert any(r.codec.startswith("int4") for r in attention_reads)  # the attention output
-    assert sum(r.codec.startswith("int4") for r in attention_reads) == 2  # one per layer: q, k stay
+    qkv = [r for r in attention_reads if r.op == "addmm"]
+    assert len(qkv) == 2 and all(r.codec == "int8" and "at least 8-bit" in r.reason for r in qkv)  # per layer
+    assert sum(r.codec.startswith("int4") for r in attention_reads) == 2  # the attention output, per layer
+    views = [r for r in rows if r.op == "transpose.int"]
+    assert len(views) == 6 and all(r.codec.startswith("alias(addmm") and r.bytes_after == 0 for r in views)
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int4"])
+def test_views_of_one_projection_are_stored_once_as_reported(codec):
+    """q, k, v split from one projection: its output is saved instead, the views re-made from it."""
+    from test_lossless import _stored_bytes
+
+    model, x = make_model("transformer")
+    _no_dropout(model)
+    step = train_step(model, x, compressed(codec))
+    report = fxcompress.explain(step.module)
+    assert _stored_bytes(step.module, model, x) == report.saved_bytes_after
+    none = fxcompress.explain(train_step(model, x, compressed("none")).module)
+    assert report.saved_bytes_before == none.saved_bytes_before  # the base holds what the views held
 
 
 class _Attention(torch.nn.Module):
@@ -310,15 +328,20 @@ class _Attention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(*split, is_causal=True).sum(1)
 
 
-def test_fused_attention_keeps_q_k_and_logsumexp_exact_and_quantizes_v_and_out():
+def test_fused_attention_gives_q_and_k_8_bits_and_keeps_logsumexp_exact():
     torch.manual_seed(0)
     model, x = _Attention(), torch.randn(4, 32, 64)
-    step = train_step(model, x, compressed("int4"))
-    reads = [r for r in fxcompress.explain(step.module).rows
-             if r.counted and "_scaled_dot_product_flash_attention_for_cpu_backward" in r.reason]
-    exact = [r for r in reads if r.codec == "none"]
-    assert len(exact) == 3 and all("needs exact values" in r.reason for r in exact)  # q, k, log-sum-exp
-    assert sum(r.codec.startswith("int4") for r in reads) == 2  # v and the output
+    for codec in ("int4", "int2", "fp8", "int8"):
+        torch._dynamo.reset()
+        step = train_step(model, x, compressed(codec))
+        reads = [r for r in fxcompress.explain(step.module).rows
+                 if r.counted and "_scaled_dot_product_flash_attention_for_cpu_backward" in r.reason]
+        exact = [r for r in reads if r.codec == "none"]
+        assert len(exact) == 1 and "needs exact values" in exact[0].reason  # the log-sum-exp
+        q_k_v = [r for r in reads if r.op == "clone"]  # the contiguous copies
+        raised = [r for r in q_k_v if "at least 8-bit codes" in r.reason]
+        assert all(r.codec == "int8" for r in raised) and len(raised) == (0 if codec == "int8" else 2), codec
+        assert sum(r.codec.startswith(codec) for r in reads) == (4 if codec == "int8" else 2), codec  # v, output (q, k)
 
 
 @pytest.mark.parametrize("name", ["convnet", "transformer"])

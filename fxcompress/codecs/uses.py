@@ -36,6 +36,8 @@ __all__ = [
     "ValuesUse",
     "Use",
     "VIEW_OPS",
+    "SPLIT_OPS",
+    "view_parent",
     "view_root",
     "uses_of",
     "terminal_users",
@@ -181,9 +183,11 @@ class ExactUse:
 
 @dataclasses.dataclass(frozen=True)
 class ValuesUse:
-    """The op reads the values; only a value-preserving (or lossy) codec may feed it."""
+    """The op reads the values; only a value-preserving (or lossy) codec may feed it, with at
+    least ``min_bits`` bits per element where that is set (an integer code per group)."""
 
     op: str
+    min_bits: int = 0
 
 
 Use = Union[ShapeUse, PredicateUse, IndexUse, ExactUse, ValuesUse]
@@ -309,28 +313,52 @@ for _op in _SHAPE_ONLY_OPS:
 # Statistics and attention internals: a small error here is amplified (an
 # inverse standard deviation scales a whole row; the fused attention backward
 # recomputes the softmax as exp(q k^T * scale - logsumexp), where an error in
-# q, k or the log-sum-exp moves an exponent), so no lossy codec. The attention
-# backward reads value and out only linearly (dP = dO v^T; D = rowsum(dO * out)),
-# like a matmul its input: those take a lossy codec as any activation does.
+# the log-sum-exp or the mask moves an exponent), so no lossy codec. An error in
+# q or k moves it too, in proportion to the error: they take 8-bit codes at
+# least (QK_MIN_BITS). The attention backward reads value and out only linearly
+# (dP = dO v^T; D = rowsum(dO * out)), like a matmul its input: those take a
+# lossy codec as any activation does.
 _EXACT_ARGS = {
     aten.native_batch_norm_backward.default: ("save_mean", "save_invstd"),
     aten.native_layer_norm_backward.default: ("mean", "rstd"),
     aten.native_group_norm_backward.default: ("mean", "rstd"),
 }
-_ATTENTION_EXACT = ("query", "key", "logsumexp", "attn_bias", "bias", "attn_mask")
-for _op in (
+_ATTENTION_EXACT = ("logsumexp", "attn_bias", "bias", "attn_mask")
+QK_MIN_BITS = 8
+_ATTENTION_OPS = (
     aten._scaled_dot_product_flash_attention_backward.default,
     aten._scaled_dot_product_efficient_attention_backward.default,
     aten._scaled_dot_product_cudnn_attention_backward.default,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
     aten._flash_attention_backward.default,
     aten._efficient_attention_backward.default,
-):
+)
+for _op in _ATTENTION_OPS:
     _EXACT_ARGS[_op] = _ATTENTION_EXACT
+    for _slot, _arg in enumerate(_op._schema.arguments):
+        if _arg.name in ("query", "key"):
+            _ARG_USES[(_op, _slot)] = lambda node: ValuesUse(_op_name(node), QK_MIN_BITS)
 for _op, _names in _EXACT_ARGS.items():
     for _slot, _arg in enumerate(_op._schema.arguments):
         if _arg.name in _names:
             _ARG_USES.setdefault((_op, _slot), _exact)
+
+
+# Ops whose outputs (through getitem) are views of their first argument, in the forward.
+SPLIT_OPS = frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default})
+
+
+def view_parent(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` is a view of, one step up: a view op's input, or for one output of
+    a split (``getitem(split(x), i)``) the split's input; ``None`` if ``node`` is no view."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.target in VIEW_OPS:
+        return node.args[0]
+    split = node.args[0]
+    if node.target is operator.getitem and split.op == "call_function" and split.target in SPLIT_OPS:
+        return split.args[0]
+    return None
 
 
 def view_root(node: fx.Node) -> fx.Node:

@@ -6,7 +6,10 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 2. A graph input (parameter, buffer, user input) or a tensor also returned
    to the caller: keep -- its owner holds it alive, a copy would add memory.
 3. Reached from another saved tensor through view ops: an alias; the backward
-   re-creates the view from that tensor and nothing extra is stored.
+   re-creates the view from that tensor and nothing extra is stored. (Views
+   of one unsaved tensor that they cover, such as q, k and v split from one
+   projection, get that tensor saved as their base first:
+   :func:`~fxcompress.capture.save_view_bases`.)
 4. With ``blpa8``/``blpa4``: the input of a training-mode batch-norm gets
    the BN-aware :class:`BLPA` code, and a saved ReLU of that batch-norm's
    output is decoded from the same code (nothing of its own stored).
@@ -14,7 +17,7 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 6. Not dense in memory (gaps or overlaps): keep.
 7. bool: :class:`BitMask`.
 8. Read as values by an op that needs them exact (normalization
-   statistics, attention's q, k and log-sum-exp), or computed from parameters alone
+   statistics, attention's log-sum-exp), or computed from parameters alone
    (autocast's low-precision weight copy, which input gradients read, so an
    error in it would reach every earlier layer): keep.
 9. Read as values otherwise: with a per-group lossy codec (or BLPA's
@@ -27,6 +30,8 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    themselves (:class:`SplitAffine`); otherwise by a 1-bit mask stored
    beside the codes (:class:`MaskedLossy`; unbiased);
    without a per-group codec, keep, naming the op that reads the values.
+   A reader that needs more bits (fused attention's q and k: 8) raises
+   the codec to an integer code of that many bits.
 10. Read only for its shape: :class:`ShapeOnly`.
 11. Read only through one predicate (and shapes): :class:`PredicateMask`.
 12. Integer read only as bounded indices: :class:`NarrowInt`.
@@ -249,7 +254,11 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
         return Decision(None, f"values read by {ops}; {why}")
     if not saved.dtype.is_floating_point or saved.dtype.itemsize < 2:
         return Decision(None, f"values read by {ops}; {saved.dtype} is not quantized")
-    if codec is CodecName.FP8:
+    need = max((u.min_bits for u in uses if isinstance(u, ValuesUse)), default=0)
+    if need and (codec is CodecName.FP8 or LOSSY_BITS[codec] < need):
+        inner = GroupAffine(layout, need, config.group_size, config.stochastic_rounding)
+        ops = f"{ops} (at least {need}-bit codes there)"
+    elif codec is CodecName.FP8:
         inner = GroupFP8(layout, config.fp8_format, config.group_size)
     else:
         inner = GroupAffine(layout, LOSSY_BITS[codec], config.group_size, config.stochastic_rounding)
