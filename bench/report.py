@@ -38,6 +38,7 @@ def render(results_dir: pathlib.Path = RESULTS) -> str:
     if not parts:
         parts = ["_No current GPU speed/memory results: `bench/bench_step.py` writes them._"]
     parts += [_peak(p, d) for p, d in files if "peak" in d]
+    parts += [_saved(p, d) for p, d in files if "saved" in d]
     parts += [_traffic(p, d) for p, d in files if "traffic" in d]
     parts += [_curves(p, d) for p, d in files if "curves" in d]
     parts += [_fidelity(p, d) for p, d in files if "fidelity" in d]
@@ -137,6 +138,27 @@ def _peak(path: pathlib.Path, data: dict) -> str:
         )
     if data.get("notes"):
         lines += ["", f"_{data['notes']}_"]
+    return "\n".join(lines)
+
+
+def _saved(path: pathlib.Path, data: dict) -> str:
+    """``bench/saved.py``: bytes the captured graphs save, per model and codec (CPU capture, no GPU)."""
+    lines = [
+        f"Saved bytes from the captured graphs, CPU capture of the benchmark models at a small batch "
+        f"(`{path.name}`, {_where(data['environment'])}; {_commands(data)}; eager backend, bf16 autocast): "
+        "activations = all saved tensors but autocast's bf16 weight copies (exact, not growing with the batch); "
+        "× = less than `none`. Not a GPU's measured memory (see the speed/memory table):",
+        "",
+        "| model | batch | dropout | codec | all GiB | activations GiB | × | in the blocks GiB | × |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["saved"]:
+        (a0, a1), (w0, w1), (b0, b1) = r["gib"], r["activations_gib"], r["block_activations_gib"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {'on' if r['dropout'] else 'off'} | {r['codec']} | "
+            f"{a0:.3f} → {a1:.3f} | {w0:.3f} → {w1:.3f} | {w0 / w1:.2f} | {b0:.3f} → {b1:.3f} | "
+            f"{b0 / b1 if b1 else 0:.2f} |"
+        )
     return "\n".join(lines)
 
 

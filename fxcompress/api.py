@@ -213,6 +213,7 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
                     reason=decision.reason,
                     counted=not saved.is_graph_input,
                     module=saved.module,
+                    from_parameters=saved.from_parameters,
                 )
             )
     notes = []

@@ -153,6 +153,7 @@ class ReportRow:
     reason: str
     counted: bool  # False for graph inputs: their owner keeps them alive anyway
     module: str = ""  # path of the module that made it, e.g. "stage1.0.conv1"
+    from_parameters: bool = False  # computed from parameters alone (autocast's weight copy)
 
 
 @dataclasses.dataclass(frozen=True)

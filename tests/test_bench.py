@@ -65,6 +65,15 @@ def test_gpt2_target_reads_the_blocks_saved_bytes():
     assert "2.00× less saved in the blocks" in verdict and "**met**" in verdict
 
 
+def test_saved_rows_show_each_total_and_its_ratio():
+    data = {"environment": {"device": "cpu", "cpu": "test CPU", "torch": "2.x"}, "commands": ["c"], "saved": [
+        {"model": "gpt2", "codec": "int4", "batch": 2, "dropout": False,
+         "gib": [2.0, 1.0], "activations_gib": [1.5, 0.5], "block_activations_gib": [1.2, 0.3]},
+    ]}
+    rows = report._saved(pathlib.Path("s.json"), data).splitlines()
+    assert rows[-1] == "| gpt2 | 2 | off | int4 | 2.000 → 1.000 | 1.500 → 0.500 | 3.00 | 1.200 → 0.300 | 4.00 |"
+
+
 def test_traffic_rows_sum_passes_and_count_fused_codec_kernels():
     def graph(variant, pass_, by_role):
         return {"model": "resnet", "variant": variant, "batch": 32, "graph": 0 if pass_ == "forward" else 1,
