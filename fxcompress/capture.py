@@ -29,6 +29,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .codecs.base import Layout
 from .codecs.uses import terminal_users, view_parent, view_root
 from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule
 from .errors import InternalError
@@ -127,9 +128,9 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     saved, and none of them is dense, so no codec applies to any. Saving the base
     too makes each view an alias of it (re-created from it in the backward): the
     storage is stored once, seen whole by the policy. Only where the views hold
-    at least the base's element count, so the report never counts more bytes
-    than were saved, and several views or a non-dense one share it. Edits the partitioned graphs in place; returns how many
-    bases it added.
+    at least the base's element count (so the report never counts more bytes
+    than were saved) and are several, or one not dense. Edits the partitioned
+    graphs in place; returns how many bases it added.
     """
     outputs = list(fw.graph.output_node().args[0])
     tensors = _saved_tensor_prefix(outputs[num_fwd_outputs:])
@@ -146,11 +147,11 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     added = []
     for root, members in groups.items():
         val = root.meta.get("val")
-        if not isinstance(val, FakeTensor) or not _is_dense(val):
+        if not isinstance(val, FakeTensor) or not Layout.of(val).is_dense():
             continue
         if sum(tensors[i].meta["val"].numel() for i in members) < val.numel():
             continue
-        if len(members) == 1 and _is_dense(tensors[members[0]].meta["val"]):
+        if len(members) == 1 and Layout.of(tensors[members[0]].meta["val"]).is_dense():
             continue  # one dense view (a detach): a codec applies to it as it is
         added.append((min(members), root))
     for first, root in sorted(added, key=lambda a: -a[0]):  # from the back: earlier positions stay valid
@@ -171,10 +172,6 @@ def _saved_tensor_prefix(extra: list) -> list[fx.Node]:
     if extra[: len(tensors)] != tensors:
         raise InternalError("saved tensors are not a prefix of the saved values")
     return tensors
-
-
-def _is_dense(val: torch.Tensor) -> bool:
-    return val.is_contiguous() or val.is_contiguous(memory_format=torch.channels_last)
 
 
 @dataclasses.dataclass(frozen=True)

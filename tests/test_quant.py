@@ -310,8 +310,10 @@ def test_views_of_one_projection_are_stored_once_as_reported(codec):
     step = train_step(model, x, compressed(codec))
     report = fxcompress.explain(step.module)
     assert _stored_bytes(step.module, model, x) == report.saved_bytes_after
+    # the base holds what the views held, counted once: with codec="none" each view of a shared
+    # storage (q, k, v; the attention output and its reshape) counts in full
     none = fxcompress.explain(train_step(model, x, compressed("none")).module)
-    assert report.saved_bytes_before == none.saved_bytes_before  # the base holds what the views held
+    assert report.saved_bytes_before < none.saved_bytes_before
 
 
 class _Attention(torch.nn.Module):
