@@ -147,7 +147,8 @@ def _saved(path: pathlib.Path, data: dict) -> str:
         f"Saved bytes from the captured graphs, CPU capture of the benchmark models at a small batch "
         f"(`{path.name}`, {_where(data['environment'])}; {_commands(data)}; eager backend, bf16 autocast): "
         "activations = all saved tensors but autocast's bf16 weight copies (exact, not growing with the batch); "
-        "× = less than `none`. Not a GPU's measured memory (see the speed/memory table):",
+        "× = before / after the codec, in that capture (under `none` each saved view of one storage counts in "
+        "full, so its totals can exceed the others' before). Not a GPU's measured memory:",
         "",
         "| model | batch | dropout | codec | all GiB | activations GiB | × | in the blocks GiB | × |",
         "|---|---|---|---|---|---|---|---|---|",
