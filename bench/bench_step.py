@@ -52,7 +52,8 @@ import torch.nn as nn  # noqa: E402
 
 import fxcompress  # noqa: E402
 from common import (  # noqa: E402
-    GiB, Measurement, Workload, compress_config, measure, open_results, put_result, run_child,
+    GiB, Measurement, Workload, block_paths, compress_config, in_blocks, measure, open_results, put_result,
+    run_child,
 )
 
 BASELINES = ("eager", "torch.compile", "checkpoint", "budget 0.5", "inductor fp8")
@@ -139,17 +140,12 @@ def wrap_for(variant: str, backend: str | None = None):
     )
 
 
-def _block_paths(work: Workload) -> tuple[str, ...]:
-    paths = {id(m): p for p, m in work.model.named_modules()}
-    return tuple(paths[id(getattr(parent, name))] for parent, name in work.blocks)
-
-
 def run_one(args) -> None:
     blocks: tuple[str, ...] = ()
 
     def wrap(work):
         nonlocal blocks
-        blocks = _block_paths(work)
+        blocks = block_paths(work)
         return wrap_for(args.one_variant, args.backend)(work)
 
     m, module = measure(args.one_model, args.one_variant, wrap, args.device, args.batch, args.steps,
@@ -157,9 +153,9 @@ def run_one(args) -> None:
     if isinstance(module, fxcompress.CompressedModule):
         report = fxcompress.explain(module)
         m.saved_gib_before, m.saved_gib_after = report.saved_bytes_before / GiB, report.saved_bytes_after / GiB
-        in_blocks = [r for r in report.rows if r.counted and any(r.module == b or r.module.startswith(b + ".") for b in blocks)]
-        m.blocks_saved_gib_before = sum(r.bytes_before for r in in_blocks) / GiB
-        m.blocks_saved_gib_after = sum(r.bytes_after for r in in_blocks) / GiB
+        rows = [r for r in report.rows if r.counted and in_blocks(r, blocks)]
+        m.blocks_saved_gib_before = sum(r.bytes_before for r in rows) / GiB
+        m.blocks_saved_gib_after = sum(r.bytes_after for r in rows) / GiB
     print("RESULT " + json.dumps(dataclasses.asdict(m)), flush=True)
 
 

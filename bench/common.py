@@ -250,6 +250,17 @@ def environment(device: str) -> dict:
     return env
 
 
+def block_paths(work: Workload) -> tuple[str, ...]:
+    """The module paths of ``work``'s repeated blocks."""
+    paths = {id(m): p for p, m in work.model.named_modules()}
+    return tuple(paths[id(getattr(parent, name))] for parent, name in work.blocks)
+
+
+def in_blocks(row, blocks: tuple[str, ...]) -> bool:
+    """Whether a report row's tensor was made inside one of ``blocks`` (paths from :func:`block_paths`)."""
+    return any(row.module == b or row.module.startswith(b + ".") for b in blocks)
+
+
 def open_results(path: str | None, key: str, device: str, command: str | None) -> dict:
     """A results file that runs accumulate into: its ``commands`` (``command`` appended unless
     already there: a rerun replaces its rows), this run's ``environment``, and the rows under

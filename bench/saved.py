@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import GiB, build, compress_config, open_results, put_result  # noqa: E402
+from common import GiB, block_paths, build, compress_config, in_blocks, open_results, put_result  # noqa: E402
 
 
 def saved(model_name: str, codec: str, batch: int, no_dropout: bool) -> dict:
@@ -43,8 +43,7 @@ def saved(model_name: str, codec: str, batch: int, no_dropout: bool) -> dict:
         for m in work.model.modules():  # transformers' attention reads its rate off its Dropout too
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-    paths = {id(m): p for p, m in work.model.named_modules()}
-    blocks = tuple(paths[id(getattr(parent, name))] for parent, name in work.blocks)
+    blocks = block_paths(work)
     config = compress_config(codec, work.ara_stride, work.asa_layers)
     module = fxcompress.compile(work.model, config, backend="eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -56,12 +55,11 @@ def saved(model_name: str, codec: str, batch: int, no_dropout: bool) -> dict:
         picked = [r for r in rows if keep(r)]
         return sum(r.bytes_before for r in picked) / GiB, sum(r.bytes_after for r in picked) / GiB
 
-    in_block = lambda r: any(r.module == b or r.module.startswith(b + ".") for b in blocks)  # noqa: E731
     return {
         "model": model_name, "codec": codec, "batch": work.batch, "dropout": not no_dropout,
         "gib": total(lambda r: True),
         "activations_gib": total(lambda r: not r.from_parameters),
-        "block_activations_gib": total(lambda r: in_block(r) and not r.from_parameters),
+        "block_activations_gib": total(lambda r: in_blocks(r, blocks) and not r.from_parameters),
     }
 
 

@@ -56,8 +56,7 @@ def extract_program(
     """
     outputs = list(fw.graph.output_node().args[0])
     extra = outputs[num_fwd_outputs:]
-    tensors = _saved_tensor_prefix(extra)
-    n_sym = sum(1 for n in extra if isinstance(n, fx.Node) and _is_sym(n))
+    tensors, n_sym = _saved_values(extra)
     bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
     fw_inputs = {n for n in fw.graph.nodes if n.op == "placeholder"}
     user_outputs = set(outputs[:num_fwd_outputs])
@@ -133,7 +132,7 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     graphs in place; returns how many bases it added.
     """
     outputs = list(fw.graph.output_node().args[0])
-    tensors = _saved_tensor_prefix(outputs[num_fwd_outputs:])
+    tensors, n_sym = _saved_values(outputs[num_fwd_outputs:])
     saved = set(tensors)
     groups: dict[fx.Node, list[int]] = {}
     for i, node in enumerate(tensors):
@@ -143,7 +142,6 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
         if parent is None and root is not node and root.op == "call_function":
             groups.setdefault(root, []).append(i)
     bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
-    n_sym = sum(1 for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node) and _is_sym(n))
     added = []
     for root, members in groups.items():
         val = root.meta.get("val")
@@ -167,11 +165,13 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     return len(added)
 
 
-def _saved_tensor_prefix(extra: list) -> list[fx.Node]:
+def _saved_values(extra: list) -> tuple[list[fx.Node], int]:
+    """The forward's saved tensors (a prefix of its outputs after the user's) and how many symbolic
+    ints follow them (the backward's first placeholders)."""
     tensors = [n for n in extra if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), FakeTensor)]
     if extra[: len(tensors)] != tensors:
         raise InternalError("saved tensors are not a prefix of the saved values")
-    return tensors
+    return tensors, sum(1 for n in extra if isinstance(n, fx.Node) and _is_sym(n))
 
 
 @dataclasses.dataclass(frozen=True)

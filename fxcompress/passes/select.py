@@ -57,10 +57,10 @@ __all__ = ["plan_codecs"]
 
 #: Keep a one-sided predicate in the integer codes (SplitAffine) under stochastic rounding too.
 #: Off: codes forced to their side of the threshold bias the values within a step of it
-#: (`bench/grad_bias.py --split-codes` measures what that does to the weight gradients).
+#: (`bench/grad_bias.py --relu-codes split` measures what that does to the weight gradients).
 SPLIT_STOCHASTIC = False
 #: Give a clamp's output (ReLU) a reserved code for the clamp value (ClampedAffine) instead of a
-#: mask or split codes. A switch for `bench/grad_bias.py --no-clamped-codes`, which measures both.
+#: mask or split codes. A switch for `bench/grad_bias.py --relu-codes clamped mask`, which measures both.
 CLAMPED_CODES = True
 
 
