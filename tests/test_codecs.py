@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
-from fxcompress.codecs.base import pack_bits, unpack_bits
+from fxcompress.codecs.base import pack_bits, pack_codes, unpack_bits, unpack_codes
 from fxcompress.codecs.lossless import narrowest_int
 from fxcompress.codecs.uses import Predicate
 
@@ -14,6 +14,19 @@ def test_pack_unpack_round_trip(n):
     packed = pack_bits(bits)
     assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
     assert torch.equal(unpack_bits(packed, n), bits)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_codes_packed_along_their_last_dimension_as_in_memory_order(bits):
+    """Codes shaped (..., 8 // bits) pack like the same codes flattened: an encoder computes them in
+    that shape so that its pack runs over the index space of its reductions (one kernel)."""
+    per_byte = 8 // bits
+    codes = torch.randint(0, 1 << bits, (5, 16 * per_byte), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    flat = pack_codes(codes.view(-1), bits)
+    assert torch.equal(pack_codes(codes.view(5, 16, per_byte), bits), flat)
+    assert torch.equal(unpack_codes(flat, bits, codes.numel()), codes.view(-1))
+    with pytest.raises(ValueError, match=f"last dimension of {per_byte}"):
+        pack_codes(codes.view(5, 16 * per_byte, 1), bits)
 
 
 def test_bit_order_is_little_endian_within_a_byte():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxcompress
 from fxcompress.codecs import Layout
@@ -221,6 +222,27 @@ def test_clamped_codes_are_unbiased_up_to_the_threshold():
         step = codec.max_error(x)
         assert ((mean - x).abs() <= 5 * step / math.sqrt(draws) + 1e-7).all(), bits
         assert (mean[x == 0] == 0).all()
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("keeping", [None, SplitAffine, ClampedAffine])
+def test_encoders_reduce_over_the_bytes_they_pack(bits, keeping):
+    """Each group's min and max are reduced over the ``G / per_byte`` bytes of its codes (the codes of
+    a byte first), the index space the packed bytes are computed in: Triton's scheduler then fuses
+    reduction, rounding and pack into one kernel that reads ``x`` once, where reducing over all ``G``
+    elements gave two or three kernels reading it twice (``bench/traffic.py --codegen triton``)."""
+    x = torch.randn(4, 8, 16, 16).to(memory_format=torch.channels_last)
+    relu = Predicate("le", (0.0,))
+    inner = GroupAffine(Layout.of(x), bits, 256, keeping is not SplitAffine)
+    codec = inner if keeping is None else keeping(inner, relu, relu.near_values(x.dtype))
+    graph = make_fx(lambda t: codec.encode(t))(torch.relu(x)).graph
+    per_byte, groups = 8 // bits, x.numel() // 256
+    aten = torch.ops.aten
+    reduced = [n.args[0].meta["val"].shape for n in graph.nodes if n.target in (aten.amin.default, aten.amax.default)]
+    over_bytes = [tuple(s) for s in reduced if s[-1] != per_byte]
+    assert over_bytes and set(over_bytes) == {(groups, 256 // per_byte)}
+    (pack,) = [n for n in graph.nodes if n.target is aten.sum.dim_IntList]
+    assert tuple(pack.meta["val"].shape) == (groups, 256 // per_byte)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

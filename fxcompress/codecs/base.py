@@ -95,20 +95,28 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack 1-D uint8 codes below ``2**bits`` into bytes, ``8 // bits`` per byte.
+    """Pack uint8 codes below ``2**bits`` into bytes, ``8 // bits`` per byte, as a 1-D tensor.
 
-    Code ``i`` lands at bit offset ``bits * (i % (8 // bits))``; the input is
-    zero-padded to a whole number of bytes.
+    Code ``i`` (in memory order) lands at bit offset ``bits * (i % (8 // bits))``.
+    A 1-D input is zero-padded to a whole number of bytes. An input whose last
+    dimension is ``8 // bits`` is packed along it, one byte per position of
+    the other dimensions: a codec that computes its codes in that shape gets
+    a pack over the same index space as its own loops, which Inductor fuses
+    into the same kernel.
     """
     if bits == 8:
-        return codes
+        return codes.reshape(-1)
     per_byte = 8 // bits
-    n = codes.numel()
-    if n % per_byte:
-        codes = torch.constant_pad_nd(codes, [0, per_byte - n % per_byte])
+    if codes.dim() == 1:
+        n = codes.numel()
+        if n % per_byte:
+            codes = torch.constant_pad_nd(codes, [0, per_byte - n % per_byte])
+        codes = codes.view(-1, per_byte)
+    elif codes.shape[-1] != per_byte:
+        raise ValueError(f"codes of shape {tuple(codes.shape)}: a last dimension of {per_byte} packs {bits}-bit codes")
     shifts = _shifts(bits, codes.device)
     weights = torch.bitwise_left_shift(torch.ones_like(shifts), shifts)
-    return (codes.view(-1, per_byte) * weights).sum(-1, dtype=torch.uint8)
+    return (codes * weights).sum(-1, dtype=torch.uint8).reshape(-1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -58,14 +58,33 @@ FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 _MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
-def _groups(layout: Layout, x: torch.Tensor, group: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """``x`` in memory order as ``(n_groups, group)`` in ``dtype`` (``None``: its own), the last group padded by repetition."""
+def _groups(layout: Layout, x: torch.Tensor, group: int, dtype: torch.dtype | None = torch.float32,
+            per_byte: int = 1) -> torch.Tensor:
+    """``x`` in memory order as ``(n_groups, group // per_byte, per_byte)`` in ``dtype`` (``None``: its
+    own), the last group padded by repetition. ``per_byte`` is how many codes share a byte."""
     flat = layout.flatten(x)
     n = flat.numel()
     if n % group:
         flat = torch.cat([flat, flat[-1:].expand(group - n % group)])
-    g = flat.view(-1, group)
+    g = flat.view(-1, group // per_byte, per_byte)
     return g if dtype is None else g.to(dtype)
+
+
+def _group_min(g: torch.Tensor) -> torch.Tensor:
+    """Per-group minimum of :func:`_groups`' groups, as ``(n_groups, 1, 1)``.
+
+    NB: over a byte's codes first, then over the bytes: the reduction then runs
+    over the packed bytes' index, the same loop as the quantize-and-pack that
+    reads its result, and Inductor makes the encoder one kernel that reads
+    ``x`` once (over all ``G`` elements at once, the pack's loop would differ
+    and the encoder would read ``x`` twice, in two or three kernels).
+    """
+    return g.amin(-1).amin(-1, keepdim=True).unsqueeze(-1)
+
+
+def _group_max(g: torch.Tensor) -> torch.Tensor:
+    """Per-group maximum, as :func:`_group_min`."""
+    return g.amax(-1).amax(-1, keepdim=True).unsqueeze(-1)
 
 
 def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
@@ -91,9 +110,11 @@ _PHI = (math.sqrt(5) - 1) / 2  # frac of the golden ratio: i * phi mod 1 spreads
 
 
 def _dither(g: torch.Tensor) -> torch.Tensor:
-    """Stochastic rounding's ``u`` for ``(n_groups, G)`` groups: ``frac(r + i * phi)``, one draw ``r`` per group."""
-    r = torch.rand(g.shape[0], 1, device=g.device)
-    u = r + torch.arange(g.shape[1], device=g.device, dtype=torch.float32) * _PHI
+    """Stochastic rounding's ``u`` for :func:`_groups`' groups: ``frac(r + i * phi)``, one draw ``r`` per group,
+    ``i`` the element's place in its group."""
+    r = torch.rand(g.shape[0], 1, 1, device=g.device)
+    i = torch.arange(g.shape[1] * g.shape[2], device=g.device, dtype=torch.float32).view(1, *g.shape[1:])
+    u = r + i * _PHI
     return u - u.floor()  # NB: exact in fp32 (Sterbenz), so u < 1
 
 
@@ -114,8 +135,12 @@ class GroupAffine(Codec):
     def levels(self) -> int:
         return (1 << self.bits) - 1
 
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        g = _groups(self.layout, x, self.group)
+        g = _groups(self.layout, x, self.group, per_byte=self.per_byte)
         lo, hi, scale, codes = self._codes(g)
         return self._pack(codes), _poison_nonfinite(lo, lo, hi), scale
 
@@ -124,7 +149,7 @@ class GroupAffine(Codec):
 
     def _codes(self, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per group ``lo``, ``hi``, ``scale``, and the codes of ``g`` as float, before clamping."""
-        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+        lo, hi = _group_min(g), _group_max(g)
         scale = self._scale(lo, hi)
         return lo, hi, scale, (self._steps(g, lo, scale) + self._rounding(g)).floor()
 
@@ -133,11 +158,12 @@ class GroupAffine(Codec):
         """``(x - lo) / scale``. NB: in halves, so that ``x - lo`` cannot overflow for huge values of both signs."""
         return (x * 0.5 - lo * 0.5) * (2.0 / scale)
 
-    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        return pack_codes(codes.clamp(0, self.levels).to(torch.uint8).view(-1), self.bits)
+    def _pack(self, codes: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Float codes to packed bytes; ``clamp=False`` for codes already within ``[0, levels]``."""
+        return pack_codes((codes.clamp(0, self.levels) if clamp else codes).to(torch.uint8), self.bits)
 
     def _unpack(self, packed: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        return unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group)
+        return unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group // self.per_byte, self.per_byte)
 
     @staticmethod
     def _values(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -164,8 +190,8 @@ class GroupAffine(Codec):
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         """Per-element bound on ``|x' - x|`` (before the cast back to ``x``'s dtype): one step
         (stochastic) or half a step (nearest), plus fp32 rounding in the code arithmetic."""
-        g = _groups(self.layout, x, self.group)
-        scale = self._scale(g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True))
+        g = _groups(self.layout, x, self.group, per_byte=self.per_byte)
+        scale = self._scale(_group_min(g), _group_max(g))
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), self._bound(scale, g))
 
 
@@ -184,7 +210,7 @@ class GroupFP8(Codec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = FP8_FORMATS[self.fmt]
         g = _groups(self.layout, x, self.group)
-        amax = g.abs().amax(dim=1, keepdim=True)
+        amax = _group_max(g.abs())
         scale = self._scale(amax)
         return (g * (1.0 / scale)).to(dtype), _poison_nonfinite(scale, amax)
 
@@ -202,7 +228,7 @@ class GroupFP8(Codec):
         """Per-element bound: half an fp8 ulp of ``x / s`` (relative) plus the subnormal step, times ``s``."""
         info = torch.finfo(FP8_FORMATS[self.fmt])
         g = _groups(self.layout, x, self.group)
-        scale = self._scale(g.abs().amax(dim=1, keepdim=True))
+        scale = self._scale(_group_max(g.abs()))
         bound = g.abs() * (info.eps / 2) + scale * (info.smallest_normal * info.eps / 2)
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
 
@@ -283,7 +309,7 @@ class SplitAffine(Codec):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inner = self.inner
-        raw = _groups(inner.layout, x, inner.group, dtype=None)  # the predicate is read as the op reads it
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)  # the predicate is read as the op reads it
         lo, hi, scale, codes = inner._codes(raw.float())
         split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), lo, scale).floor()
         split = split.clamp(-1, inner.levels - 1)
@@ -357,14 +383,17 @@ class ClampedAffine(Codec):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inner = self.inner
-        raw = _groups(inner.layout, x, inner.group, dtype=None)  # the predicate is read as the op reads it
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)  # the predicate is read as the op reads it
         g, clamped = raw.float(), self.predicate(raw)
         lo, hi, scale = self._grid(g, clamped)
         codes = (inner._steps(g, lo, scale) + inner._rounding(g)).floor().clamp(0, self.steps) + 1
         # A non-finite group decodes to NaN (``lo``) as a whole: no element gets code 0 (NaN codes would).
-        finite = torch.isfinite(lo) & torch.isfinite(hi)
-        codes = torch.where(finite, torch.where(clamped, 0.0, codes), 1.0)
-        return inner._pack(codes), _poison_nonfinite(lo, lo, hi), scale
+        # NB: "finite" read off the NaN of the stored ``lo``: two ops per element where four isfinite
+        # tests were a dozen, and Inductor recomputes a pack's input per code of a byte only under
+        # ~30 ops (``realize_opcount_threshold``); above, it writes the float codes out and packs apart.
+        lo = _poison_nonfinite(lo, lo, hi)
+        codes = torch.where(lo == lo, torch.where(clamped, 0.0, codes), 1.0)
+        return inner._pack(codes, clamp=False), lo, scale
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         inner = self.inner
@@ -379,8 +408,8 @@ class ClampedAffine(Codec):
 
     def _grid(self, g: torch.Tensor, clamped: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per group ``lo`` (least value above ``c``), ``hi`` and ``scale``; a group of ``c`` alone gets ``lo = hi``."""
-        hi = g.amax(dim=1, keepdim=True)
-        lo = torch.where(clamped, torch.full_like(g, math.inf), g).amin(dim=1, keepdim=True)
+        hi = _group_max(g)
+        lo = _group_min(torch.where(clamped, torch.full_like(g, math.inf), g))
         lo = torch.minimum(lo, hi)
         return lo, hi, self.inner._scale(lo, hi, self.steps)
 
@@ -389,7 +418,7 @@ class ClampedAffine(Codec):
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         inner = self.inner
-        raw = _groups(inner.layout, x, inner.group, dtype=None)
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         g, clamped = raw.float(), self.predicate(raw)
         _, _, scale = self._grid(g, clamped)
         bound = torch.where(clamped, (g - self.predicate.consts[0]).abs(), inner._bound(scale, g))
