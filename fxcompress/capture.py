@@ -38,7 +38,7 @@ from .passes.auxiliary import Substitution, apply_ara
 from .passes.rewrite import rewrite_saved_tensors
 from .passes.select import plan_codecs
 
-__all__ = ["Capture", "CaptureLog", "Partitioner", "extract_program", "make_backend"]
+__all__ = ["Capture", "CaptureLog", "Partitioner", "extract_program", "make_backend", "restride_for_inductor"]
 
 
 def extract_program(
@@ -165,6 +165,59 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     return len(added)
 
 
+def restride_for_inductor(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Give saved tensors the strides Inductor will give them; returns how many changed.
+
+    The codecs group a tensor's elements in memory order, read off its
+    strides, so those must be the strides of Inductor's buffer. They differ
+    from the traced ones where Inductor's layout optimization makes a graph
+    with convolutions channels-last (on GPUs and with oneDNN on CPUs, for
+    models in the default contiguous format): a saved forward output that is
+    dense, 4-D and on a path into a convolution gets channels-last strides
+    (``GraphLowering``'s own rule for outputs). The same rule is applied here
+    to the forward node and its backward placeholder (AOTAutograd restrides
+    the placeholder the same way). With Inductor's internals moved in a
+    future torch, nothing changes: the traced strides are kept.
+    """
+    try:
+        from torch._inductor.graph import GraphLowering
+
+        if not GraphLowering.decide_layout_opt(fw, is_inference=False):
+            return 0
+        prefer = GraphLowering.find_nodes_prefer_channels_last(_GraphOf(fw))
+    except Exception:  # noqa: BLE001 - an internal API changed: keep the traced strides
+        return 0
+    from torch._prims_common import make_channels_last_strides_for
+
+    outputs = list(fw.graph.output_node().args[0])
+    tensors, n_sym = _saved_values(outputs[num_fwd_outputs:])
+    user_outputs = set(outputs[:num_fwd_outputs])
+    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    changed = 0
+    for i, node in enumerate(tensors):
+        val = node.meta["val"]
+        if node not in prefer or node in user_outputs or val.dim() != 4 or not Layout.of(val).is_dense():
+            continue
+        if any(isinstance(d, torch.SymInt) for d in val.shape):
+            continue
+        strides = tuple(make_channels_last_strides_for(val.shape))
+        if tuple(val.stride()) == strides:
+            continue
+        with val.fake_mode:
+            node.meta["val"] = torch.empty_strided(val.shape, strides, dtype=val.dtype, device=val.device)
+            ph = bw_phs[n_sym + i]
+            ph.meta["val"] = torch.empty_strided(val.shape, strides, dtype=val.dtype, device=val.device)
+        changed += 1
+    return changed
+
+
+@dataclasses.dataclass
+class _GraphOf:
+    """What ``GraphLowering.find_nodes_prefer_channels_last`` reads of a lowering: its module."""
+
+    module: fx.GraphModule
+
+
 def _saved_values(extra: list) -> tuple[list[fx.Node], int]:
     """The forward's saved tensors (a prefix of its outputs after the user's) and how many symbolic
     ints follow them (the backward's first placeholders)."""
@@ -261,12 +314,15 @@ class Partitioner(CustomPartitionerFn):
         parameters = frozenset(primals[i] for i in kwargs.get("static_lifetime_input_indices") or ())
         if self.config.codec is not Codec.NONE:
             save_view_bases(fw, bw, kwargs["num_fwd_outputs"])
+            if self.backend is Backend.INDUCTOR:
+                restride_for_inductor(fw, bw, kwargs["num_fwd_outputs"])
         program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
         learned, substitutions = program, ()
         if self.config.learning_rule is LearningRule.ARA:
             learned, substitutions = apply_ara(program, self.config.ara_stride)
         plan = plan_codecs(learned, self.config)
-        rewritten = rewrite_saved_tensors(learned, plan, self._decompositions())
+        rewritten = rewrite_saved_tensors(learned, plan, self._decompositions(),
+                                          pin_layouts=self.backend is Backend.INDUCTOR)
         if self.backend is Backend.INDUCTOR:
             _lower_random_ops(rewritten.fw)
         self.log.record(Capture(key, program, plan, rewritten, substitutions))

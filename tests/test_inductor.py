@@ -123,3 +123,37 @@ def test_backward_keeps_the_rewrites_order(monkeypatch):
     torch._dynamo.reset()
     train_step(model, x, lambda m: torch.compile(m))
     assert len(calls) >= 2  # plain torch.compile: forward and backward both reordered
+
+
+def test_codecs_group_in_the_layout_inductor_gives_the_tensor():
+    """Inductor's layout optimization makes a conv net channels-last (with oneDNN on a CPU, always),
+    where the traced graph says contiguous: the codecs group those tensors channels-last, so that each
+    group is contiguous in the buffer Inductor really writes, and every reader of an encoded tensor
+    reads it through a pin to that layout, so that Inductor cannot lay it out otherwise."""
+    from torch._prims_common import make_channels_last_strides_for
+    from test_quant import _no_dropout
+
+    model, x = make_model("convnet")
+    _no_dropout(model)
+    exact = train_step(model, x, compressed("none", "eager"))
+    eager = train_step(model, x, compressed("int4", "eager"))
+    torch._dynamo.reset()
+    inductor = train_step(model, x, compressed("int4", "inductor"))
+    (cap,) = inductor.module.capture_log.captures()
+    (eager_cap,) = eager.module.capture_log.captures()
+
+    def conv_outputs(program):
+        return [s for s in program.saved if s.fw_node.target is torch.ops.aten.convolution.default]
+
+    assert all(s.stride == tuple(make_channels_last_strides_for(s.shape)) for s in conv_outputs(cap.original))
+    assert len(conv_outputs(cap.original)) == len(conv_outputs(eager_cap.original)) == 3
+    assert all(s.fw_node.meta["val"].is_contiguous() for s in conv_outputs(eager_cap.original))
+    pins = [n for n in cap.rewritten.fw.graph.nodes if n.target is torch.ops.prims.inductor_force_stride_order.default]
+    assert len(pins) >= 3 and all(list(p.args[0].users) == [p] for p in pins)
+
+    weights = [n for n, p in model.named_parameters() if p.dim() > 1]
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([inductor.grads[n].flatten() for n in weights]),
+        torch.cat([exact.grads[n].flatten() for n in weights]), dim=0)
+    assert float(cos) >= 0.99
+    assert _stored_bytes(inductor.module, model, x) == fxcompress.explain(inductor.module).saved_bytes_after

@@ -22,6 +22,7 @@ from typing import Callable, Union
 
 import torch
 import torch.fx as fx
+import torch._inductor.inductor_prims  # registers prims.inductor_force_stride_order
 
 from ..ir import target_name
 
@@ -212,6 +213,8 @@ VIEW_OPS = frozenset(
         aten.select.int,
         aten.detach.default,
         aten.alias.default,
+        # fxcompress's layout pin under Inductor (passes/rewrite.py): the same buffer, its layout fixed
+        torch.ops.prims.inductor_force_stride_order.default,
     }
 )
 

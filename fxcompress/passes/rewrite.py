@@ -21,8 +21,10 @@ import copy
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import torch
 import torch.fx as fx
 
+from ..codecs.base import Layout
 from ..errors import InternalError
 from ..ir import META_KEY, CodecPlan, Program
 from .select import view_chain
@@ -35,8 +37,20 @@ def rewrite_saved_tensors(
     program: Program,
     plan: CodecPlan,
     decompositions: Mapping[Any, Callable[..., Any]] | None = None,
+    pin_layouts: bool = False,
 ) -> Program:
-    """A new Program whose saved tensors are the plan's encodings."""
+    """A new Program whose saved tensors are the plan's encodings.
+
+    ``pin_layouts`` (Inductor): an encoded tensor keeps the strides its
+    :class:`SavedTensor` record has, as a saved output would. Inductor lays
+    out an intermediate as it likes (a channels-last ResNet's max-pool output
+    came out contiguous once it was no output), and an encoder whose groups
+    run across the buffer's strides reads each group from far-apart memory,
+    in a kernel of its own. So every reader of the tensor, the encoder
+    included, reads it through ``prims.inductor_force_stride_order``: a
+    layout still open is fixed to those strides, one already fixed the same
+    way is kept, any other is copied (so it is right either way).
+    """
     from ..capture import extract_program  # NB: capture imports passes; keep the cycle lazy
 
     fw, fw_env = _copy(program.fw)
@@ -75,6 +89,9 @@ def rewrite_saved_tensors(
         reads = [saved.fw_node, *decision.extra_inputs]
         inputs = [fw_env[n] for n in reads]
         last = fw_env[max(reads, key=order.__getitem__)]  # right after the last thing it reads
+        if pin_layouts and _pinnable(saved.fw_node, program):
+            inputs[0] = _pin(fw.graph, inputs[0], saved.stride, tag)
+            last = inputs[0] if last is fw_env[saved.fw_node] else last
         with fw.graph.inserting_before(last.next):
             parts = splice(fw.graph, codec.encode, inputs, tag=tag, decompositions=decompositions)
         for i, part in enumerate(parts):
@@ -115,6 +132,38 @@ def rewrite_saved_tensors(
         raise InternalError(f"{program.name}: {len(rewritten.saved)} saved tensors after the rewrite, expected {len(sources)}")
     saved = tuple(dataclasses.replace(s, source=src) for s, src in zip(rewritten.saved, sources))
     return dataclasses.replace(rewritten, saved=saved)
+
+
+def _pinnable(node: fx.Node, program: Program) -> bool:
+    """A dense 4-D tensor in a layout other than contiguous, computed in the forward (not an input,
+    not a view) and not returned to the caller.
+
+    NB: 4-D channels-last is what Inductor's layout choices get wrong for an
+    encoder (above). Contiguous strides are what an open layout gets anyway;
+    pinning those too, and other non-contiguous layouts (the transposed bf16
+    copies of a CPU attention's bmm), cost the transformer of the test zoo
+    kernels and bytes (``bench/traffic.py --codegen triton``).
+    """
+    val = node.meta["val"]
+    outputs = program.fw.graph.output_node().args[0][: program.num_fwd_outputs]
+    return (node.op == "call_function" and val.dim() == 4 and not val._is_view() and Layout.of(val).is_dense()
+            and not val.is_contiguous() and node not in outputs)
+
+
+def _pin(graph: fx.Graph, node: fx.Node, stride: tuple[int, ...], tag: dict) -> fx.Node:
+    """Route every reader of ``node`` through ``inductor_force_stride_order(node, stride)``; return that node.
+
+    NB: all readers, not only the encoder: Inductor computes a forced copy of a
+    value it has not yet stored apart from the value the others read.
+    """
+    with graph.inserting_after(node):
+        pinned = graph.call_function(torch.ops.prims.inductor_force_stride_order.default, (node, list(stride)))
+    node.replace_all_uses_with(pinned, delete_user_cb=lambda user: user is not pinned)
+    val = node.meta["val"]
+    with val.fake_mode:
+        pinned.meta["val"] = torch.empty_strided(val.shape, stride, dtype=val.dtype, device=val.device)
+    pinned.meta[META_KEY] = dict(tag)
+    return pinned
 
 
 def _decode_into(graph, ph, decode, parts, codec_name, of, decompositions) -> None:
