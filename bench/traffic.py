@@ -2,6 +2,16 @@
 
     python bench/traffic.py --models resnet --batch 32 --variants plain int4 int2       # CPU
     python bench/traffic.py --device cuda --models resnet50 --variants plain int4 int2  # GPU
+    python bench/traffic.py --codegen triton --models resnet --variants plain int4         # Triton's fusion, no GPU
+
+``--codegen triton`` (needs ``pip install triton``; no GPU) has Inductor
+generate Triton kernels for the CPU device (``cpu_backend="triton"``) and
+never compile or run them: the forward's first kernel launch stops the step,
+after both graphs were lowered (``force_non_lazy_backward_lowering``). It
+shows Triton's scheduler at work (which ops fuse into one kernel, the same
+``can_fuse`` rules as on CUDA) with bf16 autocast as on a GPU; CUDA's device
+properties, autotuning and some heuristics (persistent reductions) differ, so
+it answers "how many kernels, which fused", not "how fast".
 
 One training step per variant, compiled with Inductor (its FX graph cache off,
 so every graph is generated). After Inductor's fusion, each kernel (a scheduler
@@ -19,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import importlib.util
 import os
 import sys
 
@@ -56,8 +68,41 @@ def kernel_role(snode, memo: dict) -> str:
     return "+".join(sorted(roles, key=["model", "encode", "decode", "alias", "derived"].index)) or "model"
 
 
-def traffic(model_name: str, variant: str, device: str, batch: int | None) -> list[dict]:
-    """One step of ``variant`` (``plain`` or an fxcompress spec); a row per compiled graph."""
+class _NotRun(Exception):
+    """A kernel of a codegen-only step was launched: lowering is over."""
+
+
+@contextlib.contextmanager
+def triton_codegen_only():
+    """Inductor lowers to Triton for the CPU device and records, never compiles, its kernels."""
+    if importlib.util.find_spec("triton") is None:
+        raise SystemExit("--codegen triton needs Triton's compiler package: pip install triton")
+    import torch._functorch.config as functorch_config
+    import torch._inductor.async_compile as async_compile
+    import torch.utils._triton as torch_triton
+
+    class Unrunnable:
+        def __getattr__(self, name):
+            raise _NotRun(name)
+
+    patches = [(async_compile.AsyncCompile, "triton", lambda self, *a, **k: Unrunnable()),
+               # NB: asks Triton's active driver, and a machine without a GPU has none
+               (torch_triton, "triton_hash_with_backend", lambda: "codegen-only")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        with torch._inductor.config.patch(cpu_backend="triton"), \
+                functorch_config.patch(force_non_lazy_backward_lowering=True):
+            yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def traffic(model_name: str, variant: str, device: str, batch: int | None, codegen: str = "run") -> list[dict]:
+    """One step of ``variant`` (``plain`` or an fxcompress spec); a row per compiled graph.
+    ``codegen="triton"``: lowered to Triton on the CPU, never run (:func:`triton_codegen_only`)."""
     from torch._inductor.graph import GraphLowering
 
     torch._dynamo.reset()
@@ -82,16 +127,20 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None) -> li
         module = fxcompress.compile(work.model, compress_config(variant, work.ara_stride, work.asa_layers),
                                     backend="inductor")
     GraphLowering.codegen = spy
+    autocast = device.startswith("cuda") or codegen == "triton"
     try:
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        with triton_codegen_only() if codegen == "triton" else contextlib.nullcontext(), \
+                torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
             loss = work.loss_fn(module(*work.inputs))
-        loss.backward()
+            loss.backward()
+    except _NotRun:
+        pass
     finally:
         GraphLowering.codegen = original
     rows = []
     for i, (backward, by_role) in enumerate(graphs):
         rows.append({
-            "model": model_name, "variant": variant, "batch": work.batch, "graph": i,
+            "model": model_name, "variant": variant, "batch": work.batch, "graph": i, "codegen": codegen,
             "pass": "backward" if backward else "forward",
             "kernels": sum(k for k, _ in by_role.values()),
             "gib": sum(b for _, b in by_role.values()) / GiB,
@@ -106,13 +155,17 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet"])
     p.add_argument("--variants", nargs="+", default=["plain", "lossless", "int4", "int2"])
     p.add_argument("--batch", type=int)
+    p.add_argument("--codegen", choices=["run", "triton"], default="run",
+                   help="run: compile and run one step; triton: Triton kernels for the CPU, generated, not run")
     p.add_argument("--out", help="results JSON to add rows to (key 'traffic')")
     args = p.parse_args()
+    if args.codegen == "triton" and args.device != "cpu":
+        p.error("--codegen triton generates for the CPU device: leave --device at cpu")
     results = open_results(args.out, "traffic", args.device, " ".join(["python", *sys.argv]))
     for model in args.models:
         base = None
         for variant in args.variants:
-            rows = traffic(model, variant, args.device, args.batch)
+            rows = traffic(model, variant, args.device, args.batch, args.codegen)
             total = sum(r["gib"] for r in rows)
             base = total if variant == "plain" else base
             ratio = f"  ({total / base:.2f}x plain)" if base else ""

@@ -89,3 +89,18 @@ def test_traffic_rows_sum_passes_and_count_fused_codec_kernels():
     int4 = next(r for r in rows if "| int4 |" in r)
     # 16 + 14 kernels; 1.6 + 1.4 GiB = 1.5x plain's 2 GiB; 4 encoders alone, 3 fused; none alone, 4 fused
     assert int4 == "| resnet | 32 | int4 | 16 / 14 | 1638.4 / 1433.6 | 1.50 | 4 (512.0) | 3 | 0 (0.0) | 4 |"
+
+
+def test_triton_codegen_says_what_is_missing_and_the_table_says_not_run(monkeypatch):
+    import importlib.util
+
+    import traffic
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else object())
+    with pytest.raises(SystemExit, match="pip install triton"):
+        with traffic.triton_codegen_only():
+            pass
+    data = {"environment": {"device": "cpu", "cpu": "test CPU", "torch": "2.x"}, "commands": ["c"], "traffic": [
+        {"model": "resnet", "variant": "plain", "batch": 32, "graph": 0, "pass": "forward", "codegen": "triton",
+         "kernels": 1, "gib": 1.0, "by_role": {"model": {"kernels": 1, "gib": 1.0}}}]}
+    assert "generated but not run" in report._traffic(pathlib.Path("t.json"), data)
