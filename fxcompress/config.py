@@ -97,7 +97,9 @@ class CompressConfig:
         fullgraph: passed to ``torch.compile``; with ``True`` a graph break
             is a :class:`~fxcompress.CaptureError` instead of a split graph.
         dynamic: passed to ``torch.compile``. Default ``False``: a new input
-            shape (say, the last, smaller batch) compiles a new graph.
+            shape (say, the last, smaller batch) compiles a new graph. ``True``
+            works with ``codec="none"`` and backprop only: the codecs are
+            traced for static shapes (:class:`UnsupportedError` otherwise).
         group_size: elements per quantization group (consecutive in memory),
             each with its own range; a multiple of 8. Default 256 (ActNN's).
         stochastic_rounding: unbiased stochastic rounding for the integer
@@ -210,6 +212,13 @@ class CompressConfig:
             raise UnsupportedError(
                 f"codec={self.codec.value!r} is a valid codec name but is not implemented in "
                 f"this version of fxcompress; implemented: {have}"
+            )
+        if self.dynamic and (self.codec is not Codec.NONE or self.learning_rule is not LearningRule.BACKPROP):
+            raise UnsupportedError(
+                f"dynamic=True works with codec='none' and learning_rule='backprop' only in this version "
+                f"(here codec={self.codec.value!r}, learning_rule={self.learning_rule.value!r}): a codec's "
+                f"encoder and decoder are traced for each saved tensor's static shape. Use dynamic=False "
+                f"(the default): a new input shape, such as an epoch's last, smaller batch, compiles once more"
             )
         if self.learning_rule not in IMPLEMENTED_RULES:
             raise UnsupportedError(

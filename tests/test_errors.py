@@ -14,6 +14,7 @@ import fxcompress.config
 from fxcompress import testing
 from fxcompress.cli import main
 from fxcompress.models import ResidualCNN
+from conftest import make_model
 
 
 class Tiny(nn.Module):
@@ -193,6 +194,24 @@ def test_unimplemented_rule_names_the_implemented_ones(monkeypatch):
     msg = str(info.value)
     assert "learning_rule='asa' is a valid rule name but is not implemented" in msg
     assert "implemented: 'backprop'" in msg
+
+
+@pytest.mark.parametrize("kwargs", [{"codec": "int4"}, {"codec": "lossless"}, {"codec": "none", "learning_rule": "ara"}])
+def test_dynamic_shapes_with_a_codec_are_refused_with_the_default_named(kwargs):
+    with pytest.raises(fxcompress.UnsupportedError) as info:
+        fxcompress.compile(Tiny(), fxcompress.CompressConfig(dynamic=True, **kwargs), backend="eager")
+    msg = str(info.value)
+    assert "dynamic=True works with codec='none' and learning_rule='backprop' only" in msg
+    assert "Use dynamic=False (the default)" in msg
+
+
+def test_dynamic_shapes_without_a_codec_compile_once_for_two_batch_sizes():
+    model, x = make_model("mlp")
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="none", dynamic=True), backend="eager")
+    for batch in (x, x[:5]):
+        cm(batch).sum().backward()
+    (capture,) = cm.capture_log.captures()
+    assert any(isinstance(d, torch.SymInt) for s in capture.original.saved for d in s.shape)
 
 
 # ---- compile / explain / learning_indicator (fxcompress/api.py)

@@ -146,8 +146,9 @@ def _pinnable(node: fx.Node, program: Program) -> bool:
     """
     val = node.meta["val"]
     outputs = program.fw.graph.output_node().args[0][: program.num_fwd_outputs]
-    return (node.op == "call_function" and val.dim() == 4 and not val._is_view() and Layout.of(val).is_dense()
-            and not val.is_contiguous() and node not in outputs)
+    static = all(isinstance(n, int) for n in (*val.shape, *val.stride()))  # NB: symbolic sizes: left to Inductor
+    return (node.op == "call_function" and val.dim() == 4 and static and not val._is_view()
+            and Layout.of(val).is_dense() and not val.is_contiguous() and node not in outputs)
 
 
 def _pin(graph: fx.Graph, node: fx.Node, stride: tuple[int, ...], tag: dict) -> fx.Node:
