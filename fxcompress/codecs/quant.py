@@ -163,7 +163,8 @@ class GroupAffine(Codec):
         return pack_codes((codes.clamp(0, self.levels) if clamp else codes).to(torch.uint8), self.bits)
 
     def _unpack(self, packed: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        return unpack_codes(packed, self.bits, lo.numel() * self.group).view(-1, self.group // self.per_byte, self.per_byte)
+        codes = unpack_codes(packed, self.bits, lo.numel() * self.group)
+        return codes.view(-1, self.group // self.per_byte, self.per_byte)
 
     @staticmethod
     def _values(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -309,7 +310,8 @@ class SplitAffine(Codec):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inner = self.inner
-        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)  # the predicate is read as the op reads it
+        # NB: in x's own dtype, so that the predicate is read as the op reads it
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         lo, hi, scale, codes = inner._codes(raw.float())
         split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), lo, scale).floor()
         split = split.clamp(-1, inner.levels - 1)
@@ -383,7 +385,8 @@ class ClampedAffine(Codec):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inner = self.inner
-        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)  # the predicate is read as the op reads it
+        # NB: in x's own dtype, so that the predicate is read as the op reads it
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         g, clamped = raw.float(), self.predicate(raw)
         lo, hi, scale = self._grid(g, clamped)
         codes = (inner._steps(g, lo, scale) + inner._rounding(g)).floor().clamp(0, self.steps) + 1
