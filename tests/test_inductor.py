@@ -157,3 +157,35 @@ def test_codecs_group_in_the_layout_inductor_gives_the_tensor():
         torch.cat([exact.grads[n].flatten() for n in weights]), dim=0)
     assert float(cos) >= 0.99
     assert _stored_bytes(inductor.module, model, x) == fxcompress.explain(inductor.module).saved_bytes_after
+
+
+def test_statistics_of_decomposed_norms_stay_exact():
+    """Inductor decomposes batch- and layer-norm before fxcompress sees the graph, and their backward
+    reads mean and inverse std through plain sub/mul ops: the statistics are found from the forward
+    (what var_mean leads to). ResNet-50's (C,) statistics pass the default min_bytes from 512 channels
+    on; they had been quantized. Here min_bytes=0 lets the zoo's 16 and 32 channels show it."""
+    model, x = make_model("convnet")
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="int4", min_bytes=0), backend="inductor")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cm(x)
+    out.float().pow(2).mean().backward()
+    rows = fxcompress.explain(cm).rows
+    statistics = [r for r in rows if "normalization statistic" in r.reason]
+    assert {r.op for r in statistics} >= {"var_mean.correction[1]", "rsqrt", "convert_element_type"}
+    assert all(r.codec == "none" and r.shape[-1] in (1, 16, 32) for r in statistics)
+    assert any(r.codec.startswith("int4") for r in rows)
+
+
+def test_what_counts_as_a_normalization_statistic():
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from fxcompress.passes.select import _statistic_of
+
+    def norms(x):
+        var, mean = torch.ops.aten.var_mean.correction(x, [0, 2, 3], correction=0, keepdim=True)
+        invstd = torch.rsqrt(var + 1e-5)
+        rms = torch.rsqrt(x.pow(2).mean(dim=[1], keepdim=True) + 1e-6)
+        return invstd.squeeze().to(torch.bfloat16), mean, (x - mean) * invstd, x.mean(dim=[2, 3]), rms
+
+    graph = make_fx(norms)(torch.randn(4, 3, 5, 5)).graph
+    outputs = graph.output_node().args[0]
+    assert [_statistic_of(n) for n in outputs] == ["var_mean.correction", "var_mean.correction", None, None, "mean.dim"]

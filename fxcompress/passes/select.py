@@ -17,7 +17,9 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 6. Not dense in memory (gaps or overlaps): keep.
 7. bool: :class:`BitMask`.
 8. Read as values by an op that needs them exact (normalization
-   statistics, attention's log-sum-exp), or computed from parameters alone
+   statistics, attention's log-sum-exp), a normalization statistic the
+   graph computes itself (a decomposed norm's ``var_mean``: Inductor's
+   graphs), or computed from parameters alone
    (autocast's low-precision weight copy, which input gradients read, so an
    error in it would reach every earlier layer): keep.
 9. Read as values otherwise: with a per-group lossy codec (or BLPA's
@@ -48,7 +50,8 @@ from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
 from ..codecs.blpa import BLPA, BLPARelu
 from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
-from ..codecs.uses import ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of, view_root
+from ..codecs.uses import (VIEW_OPS, ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of,
+                           view_root)
 from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig
 from ..config import Codec as CodecName
 from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
@@ -111,6 +114,9 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     if exact:
         ops = ", ".join(sorted({u.op for u in exact}))
         return Decision(None, f"read by {ops}, which needs exact values")
+    statistic = _statistic_of(saved.fw_node)
+    if statistic is not None:
+        return Decision(None, f"a normalization statistic (from {statistic}), which needs exact values")
     values = [u for u in uses if isinstance(u, ValuesUse)]
     if values and saved.from_parameters:
         return Decision(None, "computed from parameters alone (e.g. autocast's weight copy): "
@@ -137,6 +143,34 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     if narrow is None:
         return Decision(None, f"indices < {min(bounds)} need all of {saved.dtype}")
     return Decision(NarrowInt(layout, narrow), f"indices < {min(bounds)}")
+
+
+# Where a normalization is decomposed before fxcompress sees it (Inductor's
+# batch-, layer- and group-norm), its backward reads the statistics through
+# plain sub/mul ops, not as a norm backward's save_mean/save_invstd: they are
+# found from the forward instead, as what a var_mean (or an RMS norm's
+# rsqrt(mean(x^2) + eps)) leads to through casts, views and scalar arithmetic.
+_STATISTICS = {torch.ops.aten.var_mean.correction, torch.ops.aten.var.correction}
+_ON_A_STATISTIC = {
+    torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default,
+    torch.ops.aten.rsqrt.default, torch.ops.aten.sqrt.default, torch.ops.aten.reciprocal.default,
+    torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar,
+    operator.getitem, *VIEW_OPS,
+}
+
+
+def _statistic_of(node: fx.Node) -> str | None:
+    """The reduction a saved normalization statistic comes from (``var_mean``), or ``None``."""
+    through_rsqrt = False
+    while node.op == "call_function":
+        if node.target in _STATISTICS or (through_rsqrt and node.target is torch.ops.aten.mean.dim):
+            return target_name(node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if node.target not in _ON_A_STATISTIC or len(tensors) != 1:
+            return None  # NB: one tensor argument, so add/mul are by a scalar (an eps), not another tensor
+        through_rsqrt |= node.target is torch.ops.aten.rsqrt.default
+        node = tensors[0]
+    return None
 
 
 _BN_TRAINING_OPS = {
