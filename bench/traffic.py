@@ -43,16 +43,23 @@ import fxcompress  # noqa: E402
 from common import GiB, build, compress_config, open_results, put_result  # noqa: E402
 from fxcompress.ir import META_KEY  # noqa: E402
 
+PIN = torch.ops.prims.inductor_force_stride_order.default  # fxcompress's layout pin (passes/rewrite.py)
+
 
 def graph_roles(graph) -> dict:
     """Each FX node's fxcompress role: its tag's, or for an untagged node that only codec code of
     one role reads, that role (Inductor's pass that replaces ``rand`` with its own seeded random
-    ops drops the tags); anything else is ``model``. Users come after producers, so one reverse pass."""
+    ops drops the tags); anything else is ``model``, the layout pin included (it only fixes the
+    layout of a model tensor that plain ``torch.compile`` writes out too, as a saved output).
+    Users come after producers, so one reverse pass."""
     roles = {}
     for node in reversed(graph.nodes):
         tag = node.meta.get(META_KEY)
         users = {roles[u] for u in node.users}
-        roles[node] = tag["role"] if tag else users.pop() if len(users) == 1 and "model" not in users else "model"
+        if node.target is PIN:  # the layout of the model's own tensor, written as plain torch.compile writes it
+            roles[node] = "model"
+        else:
+            roles[node] = tag["role"] if tag else users.pop() if len(users) == 1 and "model" not in users else "model"
     return roles
 
 
