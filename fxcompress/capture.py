@@ -54,17 +54,13 @@ def extract_program(
     ``parameters`` names the forward placeholders that hold parameters and
     buffers (AOTAutograd's static-lifetime inputs).
     """
-    outputs = list(fw.graph.output_node().args[0])
-    extra = outputs[num_fwd_outputs:]
-    tensors, n_sym = _saved_values(extra)
-    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    outputs, tensors, placeholders = _saved_pairs(fw, bw, num_fwd_outputs)
     fw_inputs = {n for n in fw.graph.nodes if n.op == "placeholder"}
     user_outputs = set(outputs[:num_fwd_outputs])
     index_of = {node: i for i, node in enumerate(tensors)}
     from_parameters = _from_parameters(fw.graph, parameters)
     saved = []
-    for i, node in enumerate(tensors):
-        ph = bw_phs[n_sym + i]
+    for i, (node, ph) in enumerate(zip(tensors, placeholders, strict=True)):
         val, pval = node.meta["val"], ph.meta.get("val")
         if pval is None or tuple(pval.shape) != tuple(val.shape) or pval.dtype != val.dtype:
             raise InternalError(
@@ -131,8 +127,7 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     than were saved) and are several, or one not dense. Edits the partitioned
     graphs in place; returns how many bases it added.
     """
-    outputs = list(fw.graph.output_node().args[0])
-    tensors, n_sym = _saved_values(outputs[num_fwd_outputs:])
+    outputs, tensors, placeholders = _saved_pairs(fw, bw, num_fwd_outputs)
     saved = set(tensors)
     groups: dict[fx.Node, list[int]] = {}
     for i, node in enumerate(tensors):
@@ -141,7 +136,6 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
             root, parent = parent, view_parent(parent)
         if parent is None and root is not node and root.op == "call_function":
             groups.setdefault(root, []).append(i)
-    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
     added = []
     for root, members in groups.items():
         val = root.meta.get("val")
@@ -154,7 +148,7 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
         added.append((min(members), root))
     for first, root in sorted(added, key=lambda a: -a[0]):  # from the back: earlier positions stay valid
         outputs.insert(num_fwd_outputs + first, root)
-        with bw.graph.inserting_before(bw_phs[n_sym + first]):
+        with bw.graph.inserting_before(placeholders[first]):
             ph = bw.graph.placeholder(f"{root.name}_base")
         ph.meta["val"] = root.meta["val"]
     if added:
@@ -196,12 +190,10 @@ def restride_for_inductor(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_output
         return 0
     from torch._prims_common import make_channels_last_strides_for
 
-    outputs = list(fw.graph.output_node().args[0])
-    tensors, n_sym = _saved_values(outputs[num_fwd_outputs:])
+    outputs, tensors, placeholders = _saved_pairs(fw, bw, num_fwd_outputs)
     user_outputs = set(outputs[:num_fwd_outputs])
-    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
     changed = 0
-    for i, node in enumerate(tensors):
+    for node, ph in zip(tensors, placeholders, strict=True):
         val = node.meta["val"]
         if node not in prefer or node in user_outputs or val.dim() != 4 or not Layout.of(val).is_dense():
             continue
@@ -212,7 +204,6 @@ def restride_for_inductor(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_output
             continue
         with val.fake_mode:
             node.meta["val"] = torch.empty_strided(val.shape, strides, dtype=val.dtype, device=val.device)
-            ph = bw_phs[n_sym + i]
             ph.meta["val"] = torch.empty_strided(val.shape, strides, dtype=val.dtype, device=val.device)
         changed += 1
     return changed
@@ -223,6 +214,15 @@ class _GraphOf:
     """What ``GraphLowering.find_nodes_prefer_channels_last`` reads of a lowering: its module."""
 
     module: fx.GraphModule
+
+
+def _saved_pairs(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int):
+    """The forward's outputs, its saved tensors, and the backward placeholder of each, by position
+    (:func:`extract_program` states the calling convention)."""
+    outputs = list(fw.graph.output_node().args[0])
+    tensors, n_sym = _saved_values(outputs[num_fwd_outputs:])
+    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    return outputs, tensors, bw_phs[n_sym: n_sym + len(tensors)]
 
 
 def _saved_values(extra: list) -> tuple[list[fx.Node], int]:

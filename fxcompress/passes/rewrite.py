@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..codecs.base import Layout
 from ..errors import InternalError
-from ..ir import META_KEY, CodecPlan, Program
+from ..ir import META_KEY, CodecPlan, Program, SavedTensor
 from .select import view_chain
 from .splice import copy_node, splice
 
@@ -89,7 +89,7 @@ def rewrite_saved_tensors(
         reads = [saved.fw_node, *decision.extra_inputs]
         inputs = [fw_env[n] for n in reads]
         last = fw_env[max(reads, key=order.__getitem__)]  # right after the last thing it reads
-        if pin_layouts and _pinnable(saved.fw_node, program):
+        if pin_layouts and _pinnable(saved):
             inputs[0] = _pin(fw.graph, inputs[0], saved.stride, tag)
             last = inputs[0] if last is fw_env[saved.fw_node] else last
         with fw.graph.inserting_before(last.next):
@@ -134,7 +134,7 @@ def rewrite_saved_tensors(
     return dataclasses.replace(rewritten, saved=saved)
 
 
-def _pinnable(node: fx.Node, program: Program) -> bool:
+def _pinnable(saved: SavedTensor) -> bool:
     """A dense 4-D tensor in a layout other than contiguous, computed in the forward (not an input,
     not a view) and not returned to the caller.
 
@@ -144,11 +144,11 @@ def _pinnable(node: fx.Node, program: Program) -> bool:
     copies of a CPU attention's bmm), cost the transformer of the test zoo
     kernels and bytes (``bench/traffic.py --codegen triton``).
     """
-    val = node.meta["val"]
-    outputs = program.fw.graph.output_node().args[0][: program.num_fwd_outputs]
-    static = all(isinstance(n, int) for n in (*val.shape, *val.stride()))  # NB: symbolic sizes: left to Inductor
-    return (node.op == "call_function" and val.dim() == 4 and static and not val._is_view()
-            and Layout.of(val).is_dense() and not val.is_contiguous() and node not in outputs)
+    val = saved.fw_node.meta["val"]
+    static = all(isinstance(n, int) for n in (*saved.shape, *saved.stride))  # NB: symbolic sizes: left to Inductor
+    layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
+    return (not saved.is_graph_input and not saved.is_forward_output and not val._is_view()
+            and len(saved.shape) == 4 and static and layout.is_dense() and not val.is_contiguous())
 
 
 def _pin(graph: fx.Graph, node: fx.Node, stride: tuple[int, ...], tag: dict) -> fx.Node:
