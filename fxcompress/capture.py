@@ -174,11 +174,10 @@ def restride_for_inductor(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_output
     future torch, nothing changes: the traced strides are kept.
 
     NB: Inductor decides on the rewritten forward, and one of its rules
-    refuses graphs of 300 or more nodes per convolution. An int4 encoder is
-    some 50 nodes, and a conv net saves two or three tensors per
-    convolution (the test zoo's residual CNN, rewritten: 1,497 nodes for 10
-    convolutions); a model that crossed it would still compute the same
-    values (the pin copies), only slower.
+    refuses graphs of 300 or more nodes per convolution. An encoder adds a
+    few dozen nodes, and a conv net saves two or three tensors per
+    convolution, well under it; a model that crossed it would still compute
+    the same values (the pin copies), only slower.
     """
     try:
         from torch._inductor.graph import GraphLowering
