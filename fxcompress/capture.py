@@ -14,6 +14,7 @@ For ``backend="inductor"`` it is installed as Inductor's
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -305,6 +306,12 @@ class Partitioner(CustomPartitionerFn):
         # keys; the capture log must stay shared, and uuid() already identifies us.
         return self
 
+    def __reduce__(self):
+        # NB: torch 2.11's FX graph cache pickles Inductor's config, this object
+        # included, into its cache key (later versions key it by uuid() only).
+        # The capture log's lock does not pickle, and the key needs only uuid().
+        return str, (self.uuid(),)
+
     def uuid(self) -> str:
         return hashlib.sha256(
             f"{self.config.describe()}|{self.backend.value}|{_source_hash()}|{torch.__version__}".encode()
@@ -332,7 +339,10 @@ class Partitioner(CustomPartitionerFn):
         if self.backend is Backend.INDUCTOR:
             _lower_random_ops(rewritten.fw)
         self.log.record(Capture(key, program, plan, rewritten, substitutions))
-        return rewritten.fw, rewritten.bw
+        # NB: the compilers get copies: Inductor's passes edit the graphs they
+        # are given in place (torch 2.11's noop removal erased a saved cast the
+        # record still named), and the record must stay the program fxcompress built.
+        return _copy(rewritten.fw), _copy(rewritten.bw)
 
     def _base(self) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:
         choice = self.config.base_partitioner
@@ -349,6 +359,11 @@ class Partitioner(CustomPartitionerFn):
 
             return select_decomp_table()
         return None
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with its own graph: same node names, each node's meta copied shallowly."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
 def _lower_random_ops(fw: fx.GraphModule) -> None:

@@ -1,4 +1,5 @@
 """The Inductor backend: same rewrite, compiled; configs never share compiled graphs."""
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,23 @@ def test_partitioner_uuid_follows_the_config():
     assert same == ids["none"]
     other_min = Partitioner(fxcompress.CompressConfig(min_bytes=0), Backend.INDUCTOR, log).uuid()
     assert other_min != ids["lossless"]
+    # torch 2.11 pickles the partitioner into its FX graph cache key; the capture log's lock does not pickle
+    assert pickle.loads(pickle.dumps(Partitioner(fxcompress.CompressConfig(), Backend.INDUCTOR, log))) == ids["lossless"]
+
+
+def test_the_record_is_the_program_fxcompress_built():
+    """Inductor's passes edit the graphs they compile in place (on torch 2.11 its noop removal
+    erased a saved cast that the record still named): the compilers get copies."""
+    model, x = make_model("convnet")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = train_step(model, x, compressed("blpa4", "inductor"))
+    (cap,) = trained.module.capture_log.captures()
+    for program in (cap.original, cap.rewritten):
+        fw, bw = set(program.fw.graph.nodes), set(program.bw.graph.nodes)
+        assert all(s.fw_node in fw and s.bw_placeholder in bw for s in program.saved)
+        program.fw.graph.lint()
+        program.bw.graph.lint()
+    fxcompress.explain(trained.module)
 
 
 _CHILD = textwrap.dedent(
@@ -116,12 +134,13 @@ def test_backward_keeps_the_rewrites_order(monkeypatch):
     calls = []
     real = memory.reorder_for_peak_memory
     monkeypatch.setattr(memory, "reorder_for_peak_memory", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cache hit skips scheduling
     model, x = make_model("mlp")
-    train_step(model, x, compressed("int4", "inductor"))
-    assert calls == []
-    torch._dynamo.reset()
-    train_step(model, x, lambda m: torch.compile(m))
+    # NB: config.patch, not monkeypatch: on torch 2.11 monkeypatch's undo hid the option for good
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit skips scheduling
+        train_step(model, x, compressed("int4", "inductor"))
+        assert calls == []
+        torch._dynamo.reset()
+        train_step(model, x, lambda m: torch.compile(m))
     assert len(calls) >= 2  # plain torch.compile: forward and backward both reordered
 
 
