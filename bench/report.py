@@ -166,7 +166,7 @@ def _saved(path: pathlib.Path, data: dict) -> str:
 def _traffic(path: pathlib.Path, data: dict) -> str:
     triton = any(r.get("codegen") == "triton" for r in data["traffic"])
     what = ("the Triton kernels Inductor generates for the step (for the CPU device, generated but not run: "
-            "Triton's fusion seen without a GPU)" if triton else "the compiled step")
+            "Triton's fusion seen without a GPU, under the GPU's limits on inlining)" if triton else "the compiled step")
     lines = [
         f"Memory traffic of {what}, by kernel role (`{path.name}`, {_where(data['environment'])}; "
         f"{_commands(data)}): Inductor's own count of the bytes each kernel reads and writes, after fusion; "

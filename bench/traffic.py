@@ -99,7 +99,11 @@ def triton_codegen_only():
     for obj, name, value in patches:
         setattr(obj, name, value)
     try:
-        with torch._inductor.config.patch(cpu_backend="triton"), \
+        # NB: since torch 2.12 a CPU buffer is inlined into its readers up to 50 ops and 12
+        # reads (GPU: 30 and 8), whatever the code generator; the GPU's limits are set here
+        # (torch 2.11 has them for every device), so that what is written out is what CUDA writes.
+        with torch._inductor.config.patch(cpu_backend="triton", realize_opcount_threshold=30,
+                                          realize_acc_reads_threshold=8), \
                 functorch_config.patch(force_non_lazy_backward_lowering=True):
             yield
     finally:

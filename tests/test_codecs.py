@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
-from fxcompress.codecs.base import pack_bits, pack_codes, unpack_bits, unpack_codes
+from fxcompress.codecs.base import pack_bits, pack_codes, pack_slices, unpack_bits, unpack_codes
 from fxcompress.codecs.lossless import narrowest_int
 from fxcompress.codecs.uses import Predicate
 
@@ -27,6 +27,11 @@ def test_codes_packed_along_their_last_dimension_as_in_memory_order(bits):
     assert torch.equal(unpack_codes(flat, bits, codes.numel()), codes.view(-1))
     with pytest.raises(ValueError, match=f"last dimension of {per_byte}"):
         pack_codes(codes.view(5, 16 * per_byte, 1), bits)
+    # the same bytes from the codes of each place in a byte, computed apart
+    slices = [codes.view(5, 16, per_byte)[..., j:j + 1] for j in range(per_byte)]
+    assert torch.equal(pack_slices(slices, bits), flat)
+    with pytest.raises(ValueError, match=f"a byte holds {per_byte}"):
+        pack_slices(slices[1:], bits)
 
 
 def test_bit_order_is_little_endian_within_a_byte():

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "unpack_codes"]
+__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +101,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     Code ``i`` (in memory order) lands at bit offset ``bits * (i % (8 // bits))``.
     A 1-D input is zero-padded to a whole number of bytes. An input whose last
     dimension is ``8 // bits`` is packed along it, one byte per position of
-    the other dimensions: a codec that computes its codes in that shape gets
-    a pack over the same index space as its own loops, which Inductor fuses
-    into the same kernel.
+    the other dimensions. (:func:`pack_slices` packs codes computed apart.)
     """
     if bits == 8:
         return codes.reshape(-1)
@@ -117,6 +116,25 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = _shifts(bits, codes.device)
     weights = torch.bitwise_left_shift(torch.ones_like(shifts), shifts)
     return (codes * weights).sum(-1, dtype=torch.uint8).reshape(-1)
+
+
+def pack_slices(slices: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
+    """Pack ``8 // bits`` uint8 tensors of codes into one byte per element, ``slices[j]`` at bit offset ``bits * j``.
+
+    NB: a codec that computes each slice from its own strided view of the
+    input (one code of every byte at a time) never forms a tensor with one
+    element per code, so every op of its encoder runs over the bytes' index,
+    the loop of the reduction that finds the groups' ranges, and Inductor
+    fuses the encoder into that one kernel. A tensor of all the codes is a
+    loop of its own: past Inductor's inlining limit (30 ops on GPUs) it is
+    written out, and the encoder becomes three kernels that read the input twice.
+    """
+    if len(slices) != 8 // bits:
+        raise ValueError(f"{len(slices)} slices of {bits}-bit codes: a byte holds {8 // bits}")
+    packed = slices[0]
+    for j, codes in enumerate(slices[1:], 1):
+        packed = packed | (codes << bits * j)
+    return packed.reshape(-1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from .base import Codec, Layout, pack_codes, unpack_codes
+from .base import Codec, Layout, pack_codes, pack_slices, unpack_codes
 
 __all__ = ["BLPA", "BLPARelu"]
 
@@ -74,16 +74,32 @@ class BLPA(Codec):
         g_abs = g.abs().clamp_min(tiny)
         offset = bias / g_abs
         shift = (n_bins // 2 - torch.floor(offset / width)).clamp(1, n_bins - 1)
-        xhat = (x.float() - _channel_view(mean.float(), nd)) * _channel_view(invstd.float(), nd)
-        u = _channel_view(sign, nd) * xhat + _channel_view(offset, nd)
-        code = (torch.ceil(u / width) - 1 + _channel_view(shift, nd)).clamp(0, n_bins - 1)
-        s = _channel_view(shift, nd)
-        code = torch.where(y > 0, torch.maximum(code, s), torch.minimum(code, s - 1))
-        packed = pack_codes(self.layout.flatten(code.to(torch.uint8)), self.bits)
+        per_channel = (mean.float(), invstd.float(), sign, offset, shift)
+        dim, per_byte = self.layout.order[-1], 8 // self.bits  # dim: innermost in memory
+        if per_byte > 1 and x.shape[dim] % per_byte == 0:
+            # One code of every byte at a time, each from a strided view of x (see pack_slices).
+            def part(t: torch.Tensor, j: int) -> torch.Tensor:
+                return t[(slice(None),) * dim + (slice(j, None, per_byte),)]
+
+            slices = [self._code(part(x, j), part(y, j),
+                                 *(_channel_view(v[j::per_byte] if dim == 1 else v, nd) for v in per_channel))
+                      for j in range(per_byte)]
+            packed = pack_slices([c.permute(self.layout.order).reshape(-1) for c in slices], self.bits)
+        else:
+            code = self._code(x, y, *(_channel_view(v, nd) for v in per_channel))
+            packed = pack_codes(self.layout.flatten(code), self.bits)
         # x' = a * code + b, from xhat' = sign * (u' - offset) and x' = xhat' / invstd + mean
         a = sign * width / invstd.float()
         b = mean.float() + sign * ((0.5 - shift) * width - offset) / invstd.float()
         return packed, a, b, shift, g_abs * width
+
+    def _code(self, x, y, mean, invstd, sign, offset, shift) -> torch.Tensor:
+        """The uint8 code of ``x`` (BN output ``y``), per-channel parameters broadcast to it."""
+        xhat = (x.float() - mean) * invstd
+        u = sign * xhat + offset
+        code = (torch.ceil(u / self.width) - 1 + shift).clamp(0, self.bins - 1)
+        code = torch.where(y > 0, torch.maximum(code, shift), torch.minimum(code, shift - 1))
+        return code.to(torch.uint8)
 
     def _codes(self, packed: torch.Tensor) -> torch.Tensor:
         return self.layout.unflatten(unpack_codes(packed, self.bits, self.layout.numel)).float()

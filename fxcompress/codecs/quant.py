@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from .base import Codec, Layout, pack_bits, pack_codes, unpack_bits, unpack_codes
+from .base import Codec, Layout, pack_bits, pack_slices, unpack_bits, unpack_codes
 from .uses import Predicate
 
 __all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
@@ -75,9 +75,9 @@ def _group_min(g: torch.Tensor) -> torch.Tensor:
 
     NB: over a byte's codes first, then over the bytes: the reduction then runs
     over the packed bytes' index, the same loop as the quantize-and-pack that
-    reads its result, and Inductor makes the encoder one kernel that reads
-    ``x`` once (over all ``G`` elements at once, the pack's loop would differ
-    and the encoder would read ``x`` twice, in two or three kernels).
+    reads its result (:func:`_slices`), and Inductor makes the encoder one
+    kernel that reads ``x`` once (over all ``G`` elements at once, the pack's
+    loop would differ and the encoder would read ``x`` twice, in two or three kernels).
     """
     return g.amin(-1).amin(-1, keepdim=True).unsqueeze(-1)
 
@@ -85,6 +85,15 @@ def _group_min(g: torch.Tensor) -> torch.Tensor:
 def _group_max(g: torch.Tensor) -> torch.Tensor:
     """Per-group maximum, as :func:`_group_min`."""
     return g.amax(-1).amax(-1, keepdim=True).unsqueeze(-1)
+
+
+def _slices(g: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`_groups`' groups one code of each byte at a time: ``g[..., j:j+1]``, the ``j``-th code of every byte.
+
+    An encoder computes each code slice apart and packs them with
+    :func:`pack_slices`, so that all its ops run over the bytes' index.
+    """
+    return [g[..., j:j + 1] for j in range(g.shape[-1])]
 
 
 def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
@@ -109,13 +118,17 @@ def _poison_nonfinite(param: torch.Tensor, *extremes: torch.Tensor) -> torch.Ten
 _PHI = (math.sqrt(5) - 1) / 2  # frac of the golden ratio: i * phi mod 1 spreads evenly over [0, 1)
 
 
-def _dither(g: torch.Tensor) -> torch.Tensor:
-    """Stochastic rounding's ``u`` for :func:`_groups`' groups: ``frac(r + i * phi)``, one draw ``r`` per group,
-    ``i`` the element's place in its group."""
-    r = torch.rand(g.shape[0], 1, 1, device=g.device)
-    i = torch.arange(g.shape[1] * g.shape[2], device=g.device, dtype=torch.float32).view(1, *g.shape[1:])
-    u = r + i * _PHI
-    return u - u.floor()  # NB: exact in fp32 (Sterbenz), so u < 1
+def _dither(g: torch.Tensor) -> list[torch.Tensor]:
+    """Stochastic rounding's ``u`` for :func:`_groups`' groups, per code slice (:func:`_slices`):
+    ``frac(r + i * phi)``, one draw ``r`` per group, ``i`` the element's place in its group."""
+    n_groups, n_bytes, per_byte = g.shape
+    r = torch.rand(n_groups, 1, 1, device=g.device)
+    dither = []
+    for j in range(per_byte):
+        i = torch.arange(j, n_bytes * per_byte, per_byte, device=g.device, dtype=torch.float32).view(1, -1, 1)
+        u = r + i * _PHI
+        dither.append(u - u.floor())  # NB: exact in fp32 (Sterbenz), so u < 1
+    return dither
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,20 +160,24 @@ class GroupAffine(Codec):
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, self._values(self._unpack(packed, lo), lo, scale))
 
-    def _codes(self, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per group ``lo``, ``hi``, ``scale``, and the codes of ``g`` as float, before clamping."""
+    def _codes(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Per group ``lo``, ``hi``, ``scale``, and the codes of ``g`` as float, before clamping, per code slice."""
         lo, hi = _group_min(g), _group_max(g)
         scale = self._scale(lo, hi)
-        return lo, hi, scale, (self._steps(g, lo, scale) + self._rounding(g)).floor()
+        return lo, hi, scale, self._round(g, lo, scale)
+
+    def _round(self, g: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
+        """``floor((x - lo) / scale + u)`` per code slice of ``g`` (:func:`_slices`): float codes, before clamping."""
+        return [(self._steps(x, lo, scale) + u).floor() for x, u in zip(_slices(g), self._rounding(g))]
 
     @staticmethod
     def _steps(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``(x - lo) / scale``. NB: in halves, so that ``x - lo`` cannot overflow for huge values of both signs."""
         return (x * 0.5 - lo * 0.5) * (2.0 / scale)
 
-    def _pack(self, codes: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Float codes to packed bytes; ``clamp=False`` for codes already within ``[0, levels]``."""
-        return pack_codes((codes.clamp(0, self.levels) if clamp else codes).to(torch.uint8), self.bits)
+    def _pack(self, codes: list[torch.Tensor], clamp: bool = True) -> torch.Tensor:
+        """Float code slices to packed bytes; ``clamp=False`` for codes already within ``[0, levels]``."""
+        return pack_slices([(c.clamp(0, self.levels) if clamp else c).to(torch.uint8) for c in codes], self.bits)
 
     def _unpack(self, packed: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         codes = unpack_codes(packed, self.bits, lo.numel() * self.group)
@@ -175,9 +192,9 @@ class GroupAffine(Codec):
         half_range = hi * 0.5 - lo * 0.5
         return (half_range * (2.0 / (steps or self.levels))).clamp_min(_MIN_SCALE)
 
-    def _rounding(self, g: torch.Tensor) -> torch.Tensor | float:
-        """The ``u`` added before ``floor``: the dither, or 1/2 for rounding to nearest."""
-        return _dither(g) if self.stochastic else 0.5
+    def _rounding(self, g: torch.Tensor) -> list[torch.Tensor] | list[float]:
+        """The ``u`` added before ``floor``, per code slice: the dither, or 1/2 for rounding to nearest."""
+        return _dither(g) if self.stochastic else [0.5] * g.shape[-1]
 
     def _bound(self, scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """One step (stochastic) or half a step (nearest) of ``scale``, plus fp32 rounding in the code arithmetic."""
@@ -315,8 +332,8 @@ class SplitAffine(Codec):
         lo, hi, scale, codes = inner._codes(raw.float())
         split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), lo, scale).floor()
         split = split.clamp(-1, inner.levels - 1)
-        low = self._swap(self.predicate(raw))
-        codes = torch.where(low, torch.minimum(codes, split), torch.maximum(codes, split + 1))
+        codes = [torch.where(self._swap(self.predicate(r)), torch.minimum(c, split), torch.maximum(c, split + 1))
+                 for r, c in zip(_slices(raw), codes)]
         # A non-finite group decodes to NaN (``lo``); its split makes every element the
         # predicate's false side, so the restore keeps the NaN instead of a finite edge value.
         nan_split = torch.full_like(split, -1 if _LOW_SIDE[self.predicate.kind] else inner.levels)
@@ -389,13 +406,12 @@ class ClampedAffine(Codec):
         raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         g, clamped = raw.float(), self.predicate(raw)
         lo, hi, scale = self._grid(g, clamped)
-        codes = (inner._steps(g, lo, scale) + inner._rounding(g)).floor().clamp(0, self.steps) + 1
+        codes = inner._round(g, lo, scale)
         # A non-finite group decodes to NaN (``lo``) as a whole: no element gets code 0 (NaN codes would).
-        # NB: "finite" read off the NaN of the stored ``lo``: two ops per element where four isfinite
-        # tests were a dozen, and Inductor recomputes a pack's input per code of a byte only under
-        # ~30 ops (``realize_opcount_threshold``); above, it writes the float codes out and packs apart.
+        # NB: "finite" read off the NaN of the stored ``lo``: two ops per element where four isfinite tests are a dozen.
         lo = _poison_nonfinite(lo, lo, hi)
-        codes = torch.where(lo == lo, torch.where(clamped, 0.0, codes), 1.0)
+        codes = [torch.where(lo == lo, torch.where(c_is, 0.0, c.clamp(0, self.steps) + 1), 1.0)
+                 for c, c_is in zip(codes, _slices(clamped))]
         return inner._pack(codes, clamp=False), lo, scale
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
