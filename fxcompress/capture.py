@@ -306,10 +306,14 @@ class Partitioner(CustomPartitionerFn):
         # keys; the capture log must stay shared, and uuid() already identifies us.
         return self
 
+    def __copy__(self) -> "Partitioner":
+        return self
+
     def __reduce__(self):
         # NB: torch 2.11's FX graph cache pickles Inductor's config, this object
         # included, into its cache key (later versions key it by uuid() only).
         # The capture log's lock does not pickle, and the key needs only uuid().
+        # A copy is this object itself (__copy__, __deepcopy__), never the string.
         return str, (self.uuid(),)
 
     def uuid(self) -> str:

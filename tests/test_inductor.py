@@ -1,4 +1,5 @@
 """The Inductor backend: same rewrite, compiled; configs never share compiled graphs."""
+import copy
 import pickle
 import subprocess
 import sys
@@ -56,7 +57,9 @@ def test_partitioner_uuid_follows_the_config():
     other_min = Partitioner(fxcompress.CompressConfig(min_bytes=0), Backend.INDUCTOR, log).uuid()
     assert other_min != ids["lossless"]
     # torch 2.11 pickles the partitioner into its FX graph cache key; the capture log's lock does not pickle
-    assert pickle.loads(pickle.dumps(Partitioner(fxcompress.CompressConfig(), Backend.INDUCTOR, log))) == ids["lossless"]
+    partitioner = Partitioner(fxcompress.CompressConfig(), Backend.INDUCTOR, log)
+    assert pickle.loads(pickle.dumps(partitioner)) == ids["lossless"]
+    assert copy.copy(partitioner) is partitioner and copy.deepcopy(partitioner) is partitioner
 
 
 def test_the_record_is_the_program_fxcompress_built():
