@@ -96,26 +96,22 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes below ``2**bits`` into bytes, ``8 // bits`` per byte, as a 1-D tensor.
+    """Pack 1-D uint8 codes below ``2**bits`` into bytes, ``8 // bits`` per byte.
 
-    Code ``i`` (in memory order) lands at bit offset ``bits * (i % (8 // bits))``.
-    A 1-D input is zero-padded to a whole number of bytes. An input whose last
-    dimension is ``8 // bits`` is packed along it, one byte per position of
-    the other dimensions. (:func:`pack_slices` packs codes computed apart.)
+    Code ``i`` lands at bit offset ``bits * (i % (8 // bits))``; the input is
+    zero-padded to a whole number of bytes. (:func:`pack_slices` packs codes
+    computed apart, one place of each byte at a time.)
     """
     if bits == 8:
-        return codes.reshape(-1)
+        return codes
     per_byte = 8 // bits
-    if codes.dim() == 1:
-        n = codes.numel()
-        if n % per_byte:
-            codes = torch.constant_pad_nd(codes, [0, per_byte - n % per_byte])
-        codes = codes.view(-1, per_byte)
-    elif codes.shape[-1] != per_byte:
-        raise ValueError(f"codes of shape {tuple(codes.shape)}: a last dimension of {per_byte} packs {bits}-bit codes")
+    n = codes.numel()
+    if n % per_byte:
+        codes = torch.constant_pad_nd(codes, [0, per_byte - n % per_byte])
+    codes = codes.view(-1, per_byte)
     shifts = _shifts(bits, codes.device)
     weights = torch.bitwise_left_shift(torch.ones_like(shifts), shifts)
-    return (codes * weights).sum(-1, dtype=torch.uint8).reshape(-1)
+    return (codes * weights).sum(-1, dtype=torch.uint8)
 
 
 def pack_slices(slices: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
