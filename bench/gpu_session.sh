@@ -11,8 +11,8 @@
 # Then, here: copy $OUT's bench/results files into bench/results/, `python bench/report.py`,
 # commit with the device, torch version and this command. Steps (STEPS picks some, in order):
 #   step     issue 3's targets: ResNet-50 batch 256 bf16, torch.compile vs fxcompress int4/int2
-#   traffic  what Triton fuses of the codecs (kernel roles and bytes), ResNet-50 batch 64
 #   tests    tests/test_gpu.py: NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility
+#   traffic  what Triton fuses of the codecs (kernel roles and bytes), ResNet-50 batch 64
 #   blpa     ResNet-50 blpa4 and int8 beside the rows of `step` (issue 3's table)
 #   gpt2     GPT-2 small 16 x 1024: torch.compile vs lossless/int8/int4 (issues 2 and 6)
 set -uo pipefail
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-step traffic tests blpa gpt2}
+STEPS=${STEPS:-step tests traffic blpa gpt2}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -35,7 +35,7 @@ run_step() {  # NAME BUDGET_SECONDS COMMAND...: run if BUDGET still fits before 
     echo "[session] $name (budget $budget s, $left s left): $*"
     timeout "$budget" "$@" 2>&1 | tee "$OUT/logs/$name.log"
     echo "[session] $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
-    cp bench/results/*.json "$OUT/bench/results/" 2>/dev/null || true
+    cp bench/results/*_"$H".json "$OUT/bench/results/" 2>/dev/null || true  # <= 8 files come back
 }
 
 python3 -c "import torch, fxcompress; print('[session]', torch.__version__, torch.cuda.get_device_name())" || exit 1
