@@ -48,7 +48,8 @@ def compress_config(spec: str, ara_stride: int | tuple[int, ...] = 2,
                     asa_layers: dict[int, tuple[str, ...]] | None = None):
     """The ``CompressConfig`` a benchmark variant names: a codec (``int4``), or a learning rule
     with an optional codec for what it leaves: ``ara``, ``ara+int4``, ``asa`` (layers fed by an
-    activation), ``asaN`` (the paper's level N, from ``asa_layers``), ``asa2+int8``.
+    activation), ``asaN`` (the paper's level N, from ``asa_layers``), ``asa2+int8``; a codec with
+    ``/det`` rounds to nearest (``int4/det``, ``stochastic_rounding=False``), as the report names it.
     """
     import re
 
@@ -65,7 +66,10 @@ def compress_config(spec: str, ara_stride: int | tuple[int, ...] = 2,
         return fxcompress.CompressConfig(codec=codec or "lossless", learning_rule="asa", asa_layers=layers)
     if codec:
         raise SystemExit(f"{spec!r} is not accepted: only 'ara' and 'asa[N]' take '+CODEC'")
-    return fxcompress.CompressConfig(codec=rule)
+    rule, det, rest = rule.partition("/")
+    if det and rest != "det":
+        raise SystemExit(f"{spec!r} is not accepted: the only suffix is '/det' (round to nearest)")
+    return fxcompress.CompressConfig(codec=rule, stochastic_rounding=not det)
 
 
 def _children(seq: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -8,11 +8,17 @@
 #     bash bench/gpu_session.sh            # DEADLINE=560 seconds by default
 #     DEADLINE=300 STEPS="tests step" bash bench/gpu_session.sh
 #
+# A call of 570 s left 329 s of a 15-minute budget on 2026-11-30 (the start took about a
+# minute): a second call made at once, on the still-warm machine (it waits 30 s), can run
+# what the first skipped, e.g. STEPS="blpa" DEADLINE=280.
+#
 # Then, here: copy $OUT's bench/results files into bench/results/, `python bench/report.py`,
 # commit with the device, torch version and this command. Steps (STEPS picks some, in order):
+#   tests    tests/test_gpu.py and the CUDA cases of test_lossless.py and test_reliability.py:
+#            NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility, memory over 200 steps
+#   traffic  what Triton fuses of the codecs (kernel roles and bytes) and where the time goes
+#            (ms and GB/s by role, slowest kernels), ResNet-50 batch 64, int4 with and without SR
 #   step     issue 3's targets: ResNet-50 batch 256 bf16, torch.compile vs fxcompress int4/int2
-#   tests    tests/test_gpu.py: NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility
-#   traffic  what Triton fuses of the codecs (kernel roles and bytes), ResNet-50 batch 64
 #   blpa     ResNet-50 blpa4 and int8 beside the rows of `step` (issue 3's table)
 #   gpt2     GPT-2 small 16 x 1024: torch.compile vs lossless/int8/int4 (issues 2 and 6)
 set -uo pipefail
@@ -20,7 +26,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-step tests traffic blpa gpt2}
+STEPS=${STEPS:-tests traffic step blpa gpt2}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -41,12 +47,15 @@ run_step() {  # NAME BUDGET_SECONDS COMMAND...: run if BUDGET still fits before 
 python3 -c "import torch, fxcompress; print('[session]', torch.__version__, torch.cuda.get_device_name())" || exit 1
 for s in $STEPS; do
     case $s in
-        # compile times on an H100 (2026-11-22): torch.compile 47 s, int4 95 s, int2 131 s, plus ~20 s start-up
+        # compile times on an H200 (2026-11-30): torch.compile 33 s, int4 111 s, int2 131 s; the step ran 345 s
         step) run_step step 420 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int4" "fxcompress int2" --out "bench/results/step_$H.json" ;;
-        traffic) run_step traffic 200 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
-                  --variants plain int4 --out "bench/results/traffic_$H.json" ;;
-        tests) run_step tests 150 python3 -m pytest -q -x tests/test_gpu.py ;;
+        # 177 s for plain and int4 on an H200 (2026-11-30), before --time and int4/det
+        traffic) run_step traffic 330 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
+                  --variants plain int4 int4/det --time 5 --out "bench/results/traffic_$H.json" ;;
+        # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
+        tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
+                  tests/test_lossless.py tests/test_reliability.py -k "cuda or test_gpu" ;;
         blpa) run_step blpa 330 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
                   --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
         gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \

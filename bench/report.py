@@ -202,6 +202,20 @@ def _traffic(path: pathlib.Path, data: dict) -> str:
             f"{role('encode', 'kernels')} ({role('encode', 'gib') * 1024:.1f}) | {fused('encode')} | "
             f"{role('decode', 'kernels')} ({role('decode', 'gib') * 1024:.1f}) | {fused('decode')} |"
         )
+    timed = [(key, r) for key, rs in steps.items() for r in rs if "ms" in r]
+    if timed:
+        lines += [
+            "",
+            "Where the time goes (`--time`: device milliseconds per step under the profiler, by the role of the "
+            "kernels Inductor generated, and the bandwidth they reached; `extern` is cuDNN's and cuBLAS's):",
+            "",
+            "| model | batch | variant | pass | ms | ms by role (GB/s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (model, batch, variant), r in timed:
+            parts = ", ".join(f"{role} {ms:.2f}" + (f" ({r['gb_s'][role]:,.0f})" if role in r["gb_s"] else "")
+                              for role, ms in r["ms"].items())
+            lines.append(f"| {model} | {batch} | {variant} | {r['pass']} | {sum(r['ms'].values()):.2f} | {parts} |")
     return "\n".join(lines)
 
 

@@ -22,8 +22,18 @@ classed by the fxcompress roles of the FX nodes it was made from: ``model``
 Inductor's own count of each kernel's buffer reads and writes
 (``get_read_write_buffers_sizes``, what its ``inductor_metrics`` log sums), so
 ``model+encode`` bytes include the producer's own traffic. ``plain`` is
-``torch.compile`` of the same model. This is an accounting of memory traffic,
-not a timing: ``bench/bench_step.py`` times the step.
+``torch.compile`` of the same model. The bytes are an accounting, not a
+timing: ``bench/bench_step.py`` times the step.
+
+``--time N`` (``--codegen run``) adds where the time goes: after the compiling
+step and one warm-up, N steps run under ``torch.profiler``, forward and
+backward in separate windows (Inductor numbers its kernels per graph), and
+each kernel's device time (CUDA; on the CPU, Inductor's C++ kernels through
+``cpp.enable_kernel_profile``) is summed under the role of the scheduler nodes
+its generated code was made from (:func:`kernel_role`). Kernels Inductor did
+not generate (cuDNN's and cuBLAS's, the convolutions and matrix products) are
+``extern``, always model code. Milliseconds are per step; the profiler's own
+overhead is in them, the same for every variant.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import collections
 import contextlib
 import importlib.util
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,7 +83,7 @@ def kernel_role(snode, memo: dict) -> str:
             if origin.graph not in memo:
                 memo[origin.graph] = graph_roles(origin.graph)
             roles.add(memo[origin.graph][origin])
-    return "+".join(sorted(roles, key=["model", "encode", "decode", "alias", "derived"].index)) or "model"
+    return _join(roles)
 
 
 class _NotRun(Exception):
@@ -111,9 +122,93 @@ def triton_codegen_only():
             setattr(obj, name, value)
 
 
-def traffic(model_name: str, variant: str, device: str, batch: int | None, codegen: str = "run") -> list[dict]:
+@contextlib.contextmanager
+def kernel_names(names: dict):
+    """While open, ``names[scheduler node name]`` = the name of the kernel Inductor generates
+    for it (Triton or C++); a kernel can serve several nodes (C++ fuses loops, and equal
+    source is defined once). Nodes without one are extern calls or aliases."""
+    from torch._inductor.codegen.cpp import CppScheduling
+    from torch._inductor.codegen.triton import TritonScheduling
+
+    saved = [(cls, cls.define_kernel) for cls in (TritonScheduling, CppScheduling)]
+
+    def wrap(define):
+        def define_kernel(self, src_code, nodes, *args, **kwargs):
+            name = define(self, src_code, nodes, *args, **kwargs)
+            for node in nodes:  # NB: Triton's schedules hold markers too
+                for part in node.get_nodes() if hasattr(node, "get_nodes") else ():
+                    names[part.get_name()] = name
+            return name
+        return define_kernel
+
+    for cls, define in saved:
+        cls.define_kernel = wrap(define)
+    try:
+        yield
+    finally:
+        for cls, define in saved:
+            cls.define_kernel = define
+
+
+def _profile(fn, device: str) -> collections.Counter:
+    """``fn()`` under ``torch.profiler``: device milliseconds per kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    times = collections.Counter()
+    for e in prof.key_averages():
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if t > 0:  # NB: a C++ kernel's range is its name after "graph_<id>_"
+            times[e.key if cuda else re.sub(r"^graph_\d+_", "", e.key)] += t / 1000
+    return times
+
+
+def _timing(times: collections.Counter, kernels: dict, cuda: bool, steps: int, top: int = 12) -> dict:
+    """Per step: milliseconds and achieved GB/s by role, and the ``top`` slowest kernels.
+    ``kernels``: generated kernel name -> [roles, bytes per step]. A kernel named like Inductor's
+    but not among them is ``unmatched`` (the attribution failed: never expected); on CUDA every
+    other kernel is ``extern`` (no byte count); on the CPU other ranges are not kernels: dropped."""
+    by_role = collections.defaultdict(lambda: [0.0, 0])
+    slow = []
+    for key, ms in times.items():
+        ms /= steps
+        if key in kernels:
+            roles, nbytes = kernels[key]
+            role = _join(roles)
+            slow.append({"kernel": key, "role": role, "ms": ms, "mib": nbytes / 2**20, "gb_s": nbytes / ms / 1e6})
+        elif key.startswith(("triton_", "cpp_")):
+            role, nbytes = "unmatched", 0
+        elif cuda:
+            role, nbytes = "extern", 0
+        else:
+            continue
+        by_role[role][0] += ms
+        by_role[role][1] += nbytes
+    slow.sort(key=lambda k: -k["ms"])
+    return {
+        "ms": {role: ms for role, (ms, _) in sorted(by_role.items())},
+        "gb_s": {role: b / ms / 1e6 for role, (ms, b) in sorted(by_role.items()) if b},
+        "slowest": slow[:top],
+    }
+
+
+_ROLES = ["model", "encode", "decode", "alias", "derived"]
+
+
+def _join(roles) -> str:
+    parts = {p for r in roles for p in r.split("+")}
+    return "+".join(sorted(parts, key=_ROLES.index)) or "model"
+
+
+def traffic(model_name: str, variant: str, device: str, batch: int | None, codegen: str = "run",
+            time_steps: int = 0) -> list[dict]:
     """One step of ``variant`` (``plain`` or an fxcompress spec); a row per compiled graph.
-    ``codegen="triton"``: lowered to Triton on the CPU, never run (:func:`triton_codegen_only`)."""
+    ``codegen="triton"``: lowered to Triton on the CPU, never run (:func:`triton_codegen_only`).
+    ``time_steps``: then that many profiled steps, device milliseconds by role per pass."""
     from torch._inductor.graph import GraphLowering
 
     torch._dynamo.reset()
@@ -122,13 +217,20 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
     original = GraphLowering.codegen
 
     def spy(self):
-        out = original(self)
+        names = {}
+        with kernel_names(names):
+            out = original(self)
         by_role, memo = collections.defaultdict(lambda: [0, 0]), {}
+        kernels = collections.defaultdict(lambda: [set(), 0])  # generated kernel -> roles, bytes
         for snode in self.scheduler.nodes:
-            entry = by_role[kernel_role(snode, memo)]
-            entry[0] += 1
-            entry[1] += snode.get_read_write_buffers_sizes()
-        graphs.append((self.is_backward, dict(by_role)))
+            role, nbytes = kernel_role(snode, memo), snode.get_read_write_buffers_sizes()
+            by_role[role][0] += 1
+            by_role[role][1] += nbytes
+            name = next((names[p.get_name()] for p in snode.get_nodes() if p.get_name() in names), None)
+            if name is not None:
+                kernels[name][0].add(role)
+                kernels[name][1] += nbytes
+        graphs.append((self.is_backward, dict(by_role), dict(kernels)))
         return out
 
     work = build(model_name, device, batch)
@@ -138,18 +240,40 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
         module = fxcompress.compile(work.model, compress_config(variant, work.ara_stride, work.asa_layers),
                                     backend="inductor")
     GraphLowering.codegen = spy
-    autocast = device.startswith("cuda") or codegen == "triton"
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cuda or codegen == "triton")
     try:
+        # NB: C++ kernels appear in the profiler only when compiled with their own ranges
         with triton_codegen_only() if codegen == "triton" else contextlib.nullcontext(), \
-                torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+                torch._inductor.config.patch({"cpp.enable_kernel_profile": bool(time_steps)}), autocast:
             loss = work.loss_fn(module(*work.inputs))
             loss.backward()
     except _NotRun:
         pass
     finally:
         GraphLowering.codegen = original
+    timed = {}
+    if time_steps:
+        state = {}
+
+        def forward():
+            with autocast:
+                state["loss"] = work.loss_fn(module(*work.inputs))
+
+        def backward():
+            state.pop("loss").backward()
+
+        forward(), backward()  # warm-up: autotuning and caches settle
+        fw, bw = collections.Counter(), collections.Counter()
+        for _ in range(time_steps):
+            work.model.zero_grad(set_to_none=True)
+            fw += _profile(forward, device)
+            bw += _profile(backward, device)
+        for is_backward, times in ((False, fw), (True, bw)):
+            kernels = {k: v for b, _, ks in graphs if b == is_backward for k, v in ks.items()}
+            timed[is_backward] = _timing(times, kernels, cuda, time_steps)
     rows = []
-    for i, (backward, by_role) in enumerate(graphs):
+    for i, (backward, by_role, _) in enumerate(graphs):
         rows.append({
             "model": model_name, "variant": variant, "batch": work.batch, "graph": i, "codegen": codegen,
             "pass": "backward" if backward else "forward",
@@ -157,6 +281,8 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
             "gib": sum(b for _, b in by_role.values()) / GiB,
             "by_role": {role: {"kernels": k, "gib": b / GiB} for role, (k, b) in sorted(by_role.items())},
         })
+    for backward, timing in timed.items():  # NB: per pass, on the pass's first graph's row
+        next(r for r in rows if (r["pass"] == "backward") == backward).update(timing)
     return rows
 
 
@@ -168,15 +294,19 @@ def main() -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--codegen", choices=["run", "triton"], default="run",
                    help="run: compile and run one step; triton: Triton kernels for the CPU, generated, not run")
+    p.add_argument("--time", type=int, default=0, metavar="N",
+                   help="then profile N steps: device milliseconds per step by role (--codegen run)")
     p.add_argument("--out", help="results JSON to add rows to (key 'traffic')")
     args = p.parse_args()
     if args.codegen == "triton" and args.device != "cpu":
         p.error("--codegen triton generates for the CPU device: leave --device at cpu")
+    if args.codegen == "triton" and args.time:
+        p.error("--time needs kernels that run: --codegen run")
     results = open_results(args.out, "traffic", args.device, " ".join(["python", *sys.argv]))
     for model in args.models:
         base = None
         for variant in args.variants:
-            rows = traffic(model, variant, args.device, args.batch, args.codegen)
+            rows = traffic(model, variant, args.device, args.batch, args.codegen, args.time)
             total = sum(r["gib"] for r in rows)
             base = total if variant == "plain" else base
             ratio = f"  ({total / base:.2f}x plain)" if base else ""
@@ -184,6 +314,12 @@ def main() -> None:
             for r in rows:
                 parts = ", ".join(f"{role} {v['kernels']} / {v['gib'] * 1024:.1f} MiB" for role, v in r["by_role"].items())
                 print(f"  {r['pass']:8s} {r['kernels']:4d} kernels {r['gib'] * 1024:8.1f} MiB   {parts}")
+                if "ms" in r:
+                    parts = ", ".join(f"{role} {ms:.2f}" + (f" ({r['gb_s'][role]:.0f} GB/s)" if role in r["gb_s"] else "")
+                                      for role, ms in r["ms"].items())
+                    print(f"  {r['pass']:8s} {sum(r['ms'].values()):8.2f} ms per step   {parts}")
+                    for k in r["slowest"]:
+                        print(f"    {k['ms']:8.3f} ms {k['mib']:9.1f} MiB {k['gb_s']:7.0f} GB/s  {k['role']:14s} {k['kernel']}")
             for r in rows:
                 put_result(args.out, results, "traffic", r, ("model", "variant", "batch", "graph"))
 

@@ -22,6 +22,9 @@ def test_specs_name_codecs_and_learning_rules():
         compress_config("asa4", asa_layers=levels)
     with pytest.raises(SystemExit, match="take '\\+CODEC'"):
         compress_config("int4+int8")
+    assert compress_config("int4").stochastic_rounding and not compress_config("int4/det").stochastic_rounding
+    with pytest.raises(SystemExit, match="'/det'"):
+        compress_config("int4/nearest")
 
 
 def test_variant_sets_expand_and_bad_names_stop_before_any_run():
@@ -104,3 +107,28 @@ def test_triton_codegen_says_what_is_missing_and_the_table_says_not_run(monkeypa
         {"model": "resnet", "variant": "plain", "batch": 32, "graph": 0, "pass": "forward", "codegen": "triton",
          "kernels": 1, "gib": 1.0, "by_role": {"model": {"kernels": 1, "gib": 1.0}}}]}
     assert "generated but not run" in report._traffic(pathlib.Path("t.json"), data)
+
+
+def test_kernel_time_goes_to_its_roles_and_only_cuda_counts_the_rest_as_extern():
+    import collections
+
+    import traffic
+
+    kernels = {"triton_a": [{"model", "encode"}, 4e6], "triton_b": [{"decode"}, 1e6]}
+    times = collections.Counter({"triton_a": 2.0, "triton_b": 8.0, "sm90_xmma_conv": 6.0, "triton_z": 1.0})
+    cuda = traffic._timing(times, kernels, cuda=True, steps=2)
+    assert cuda["ms"] == {"decode": 4.0, "extern": 3.0, "model+encode": 1.0, "unmatched": 0.5}
+    assert cuda["gb_s"] == {"decode": 1e6 / 4.0 / 1e6, "model+encode": 4e6 / 1.0 / 1e6}
+    assert [k["kernel"] for k in cuda["slowest"]] == ["triton_b", "triton_a"]
+    cpu = traffic._timing(times, kernels, cuda=False, steps=2)
+    assert "extern" not in cpu["ms"] and cpu["ms"]["unmatched"] == 0.5
+
+
+def test_profiled_cpu_step_attributes_every_generated_kernel():
+    import traffic
+
+    rows = traffic.traffic("resnet", "int4", "cpu", 2, time_steps=1)
+    fw, bw = (next(r for r in rows if r["pass"] == p) for p in ("forward", "backward"))
+    assert "unmatched" not in fw["ms"] and "unmatched" not in bw["ms"]
+    assert any("encode" in role for role in fw["ms"]) and any("decode" in role for role in bw["ms"])
+    assert all(k["ms"] > 0 and k["mib"] > 0 for k in fw["slowest"] + bw["slowest"])
