@@ -17,7 +17,8 @@
 #   tests    tests/test_gpu.py and the CUDA cases of test_lossless.py and test_reliability.py:
 #            NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility, memory over 200 steps
 #   traffic  what Triton fuses of the codecs (kernel roles and bytes) and where the time goes
-#            (ms and GB/s by role, slowest kernels), ResNet-50 batch 64, int4 with and without SR
+#            (ms and GB/s by role, slowest kernels), ResNet-50 batch 64, plain and int4
+#   peak     what is live at ResNet-50 int4's memory peak (batch 256), and the top kernels
 #   step     issue 3's targets: ResNet-50 batch 256 bf16, torch.compile vs fxcompress int4/int2
 #   blpa     ResNet-50 blpa4 and int8 beside the rows of `step` (issue 3's table)
 #   gpt2     GPT-2 small 16 x 1024: torch.compile vs lossless/int8/int4 (issues 2 and 6)
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-tests traffic step blpa gpt2}
+STEPS=${STEPS:-tests traffic peak step blpa gpt2}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -50,9 +51,10 @@ for s in $STEPS; do
         # compile times on an H200 (2026-11-30): torch.compile 33 s, int4 111 s, int2 131 s; the step ran 345 s
         step) run_step step 420 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int4" "fxcompress int2" --out "bench/results/step_$H.json" ;;
-        # 177 s for plain and int4 on an H200 (2026-11-30), before --time and int4/det
-        traffic) run_step traffic 330 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
-                  --variants plain int4 int4/det --time 5 --out "bench/results/traffic_$H.json" ;;
+        # 177 s for plain and int4 on an H200 (2026-11-30), before --time
+        traffic) run_step traffic 240 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
+                  --variants plain int4 --time 5 --out "bench/results/traffic_$H.json" ;;
+        peak) run_step peak 200 python3 bench/where_peak.py --model resnet50 --variant "fxcompress int4" --top 15 ;;
         # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
         tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
                   tests/test_lossless.py tests/test_reliability.py -k "cuda or test_gpu" ;;
@@ -60,7 +62,7 @@ for s in $STEPS; do
                   --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
         gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int8" "fxcompress int4" --out "bench/results/step_$H.json" ;;
-        *) echo "[session] unknown step $s (known: step traffic tests blpa gpt2)"; exit 2 ;;
+        *) echo "[session] unknown step $s (known: tests traffic peak step blpa gpt2)"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start)) s; results in $OUT/bench/results"
