@@ -392,3 +392,20 @@ def test_autocast_weight_copies_stay_exact(name):
     # every tensor computed from parameters alone stays as it is (tiny ones and views included)
     assert all(r.codec == "none" or r.codec.startswith("alias") for r in rows if r.from_parameters)
     assert any(r.codec.startswith("int4") for r in rows)  # activations still quantized
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_a_byte_packs_codes_of_contiguous_runs_of_its_group(bits):
+    """The stored format: byte ``b`` of a group holds the codes of its elements ``b``,
+    ``b + G*bits/8``, ... (low bits first), so each place in the bytes covers one contiguous
+    run of the group, the layout that lets Inductor read a group with stride 1."""
+    per_byte, group = 8 // bits, 64
+    x = torch.randn(3 * group, generator=torch.Generator().manual_seed(bits))
+    codec = GroupAffine(Layout.of(x), bits, group, False)
+    packed, lo, scale = codec.encode(x)
+    # the codes of round-to-nearest, element by element in memory order, with the codec's arithmetic
+    per_element = lambda t: t.view(-1, 1).expand(-1, group).reshape(-1)  # noqa: E731
+    codes = (GroupAffine._steps(x, per_element(lo), per_element(scale)) + 0.5).floor().clamp(0, codec.levels)
+    runs = codes.to(torch.uint8).view(3, per_byte, group // per_byte)  # [group, place in the byte, byte]
+    want = sum(runs[:, j] << (bits * j) for j in range(per_byte)).to(torch.uint8).view(-1)
+    assert torch.equal(packed, want)

@@ -2,7 +2,10 @@
 
 Groups are ``group`` consecutive elements in memory order (channels-last
 stays channels-last, no reshape copy). Every group stores its own range, so
-one outlier costs precision only in its group.
+one outlier costs precision only in its group. A group's ``b``-bit codes are
+packed ``8 / b`` to a byte, byte ``i`` holding elements ``i``, ``i + G*b/8``,
+``i + 2*G*b/8``, ... of the group (in the low bits first): each place in
+the bytes covers a contiguous part of the group (:func:`_groups` says why).
 
 ``GroupAffine(bits=b)``, per group of G elements with minimum ``lo`` and
 ``scale = (max - lo) / (2**b - 1)``::
@@ -47,7 +50,7 @@ import math
 
 import torch
 
-from .base import Codec, Layout, pack_bits, pack_slices, unpack_bits, unpack_codes
+from .base import Codec, Layout, _shifts, pack_bits, pack_slices, unpack_bits
 from .uses import Predicate
 
 __all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
@@ -61,12 +64,20 @@ _MIN_SCALE = torch.finfo(torch.float32).tiny
 def _groups(layout: Layout, x: torch.Tensor, group: int, dtype: torch.dtype | None = torch.float32,
             per_byte: int = 1) -> torch.Tensor:
     """``x`` in memory order as ``(n_groups, group // per_byte, per_byte)`` in ``dtype`` (``None``: its
-    own), the last group padded by repetition. ``per_byte`` is how many codes share a byte."""
+    own), the last group padded by repetition. ``per_byte`` is how many codes share a byte.
+
+    ``[k, b, j]`` is element ``j * (group // per_byte) + b`` of group ``k``: byte ``b`` of a group
+    holds the codes of elements ``b``, ``b + group / per_byte``, ... (int4: ``b`` and ``b + G/2``),
+    so each place in a byte (:func:`_slices`) reads a contiguous run of the group. Inductor then
+    sees the group's reduction read with stride 1 (an inner reduction: one pass, vector loads;
+    neighbouring elements in one byte made every read strided, and an int4 group two passes),
+    and decoders read runs of consecutive bytes.
+    """
     flat = layout.flatten(x)
     n = flat.numel()
     if n % group:
         flat = torch.cat([flat, flat[-1:].expand(group - n % group)])
-    g = flat.view(-1, group // per_byte, per_byte)
+    g = flat.view(-1, per_byte, group // per_byte).transpose(1, 2)
     return g if dtype is None else g.to(dtype)
 
 
@@ -78,6 +89,7 @@ def _group_min(g: torch.Tensor) -> torch.Tensor:
     reads its result (:func:`_slices`), and Inductor makes the encoder one
     kernel that reads ``x`` once (over all ``G`` elements at once, the pack's
     loop would differ and the encoder would read ``x`` twice, in two or three kernels).
+    Each of a byte's codes comes from its own contiguous run of the group (:func:`_groups`).
     """
     return g.amin(-1).amin(-1, keepdim=True).unsqueeze(-1)
 
@@ -97,7 +109,8 @@ def _slices(g: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
-    flat = groups.reshape(-1)
+    """Inverse of :func:`_groups`: ``(n_groups, group // per_byte, per_byte)`` back to ``layout``."""
+    flat = groups.transpose(1, 2).reshape(-1)
     if flat.numel() != layout.numel:
         flat = flat[: layout.numel]
     return layout.unflatten(flat.to(layout.dtype))
@@ -124,8 +137,8 @@ def _dither(g: torch.Tensor) -> list[torch.Tensor]:
     n_groups, n_bytes, per_byte = g.shape
     r = torch.rand(n_groups, 1, 1, device=g.device)
     dither = []
-    for j in range(per_byte):
-        i = torch.arange(j, n_bytes * per_byte, per_byte, device=g.device, dtype=torch.float32).view(1, -1, 1)
+    for j in range(per_byte):  # NB: slice j holds the group's elements j * n_bytes ... (j + 1) * n_bytes - 1
+        i = torch.arange(j * n_bytes, (j + 1) * n_bytes, device=g.device, dtype=torch.float32).view(1, -1, 1)
         u = r + i * _PHI
         dither.append(u - u.floor())  # NB: exact in fp32 (Sterbenz), so u < 1
     return dither
@@ -180,8 +193,14 @@ class GroupAffine(Codec):
         return pack_slices([(c.clamp(0, self.levels) if clamp else c).to(torch.uint8) for c in codes], self.bits)
 
     def _unpack(self, packed: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        codes = unpack_codes(packed, self.bits, lo.numel() * self.group)
-        return codes.view(-1, self.group // self.per_byte, self.per_byte)
+        """The codes in :func:`_groups`' layout, ``(n_groups, group // per_byte, per_byte)``.
+
+        NB: unpacked in the groups' element order and seen through the transpose, so that
+        :func:`_ungroup` flattens the decoded values without a copy (on the eager backend).
+        """
+        shifts = _shifts(self.bits, packed.device).view(1, -1, 1)
+        codes = packed.view(lo.numel(), 1, self.group // self.per_byte) >> shifts  # [group, place, byte]
+        return (codes & self.levels).transpose(1, 2)
 
     @staticmethod
     def _values(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
