@@ -118,6 +118,20 @@ def test_non_finite_group_decodes_non_finite(bad):
         assert y[:256].isfinite().all() and y[512:].isfinite().all(), codec.name
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_group_decodes_non_finite_compiled(bad):
+    """The poisoning (``lo + scale * 0``) survives Inductor's passes and its C++ compiler's flags."""
+    x = torch.randn(1024)
+    x[300] = bad
+    for codec in _codecs(x):
+        if isinstance(codec, ClampedAffine) and bad < 0:
+            continue  # outside its domain, as above
+        torch._dynamo.reset()
+        y = torch.compile(lambda t: codec.decode(*codec.encode(t)), backend="inductor", fullgraph=True)(x)
+        assert y[256:512].isnan().all(), codec.name
+        assert y[:256].isfinite().all() and y[512:].isfinite().all(), codec.name
+
+
 def test_constant_groups_are_exact():
     x = torch.full((512,), 2.5)
     for codec in _codecs(x):
@@ -405,7 +419,8 @@ def test_a_byte_packs_codes_of_contiguous_runs_of_its_group(bits):
     packed, lo, scale = codec.encode(x)
     # the codes of round-to-nearest, element by element in memory order, with the codec's arithmetic
     per_element = lambda t: t.view(-1, 1).expand(-1, group).reshape(-1)  # noqa: E731
-    codes = (GroupAffine._steps(x, per_element(lo), per_element(scale)) + 0.5).floor().clamp(0, codec.levels)
+    grid = GroupAffine._grid_of(per_element(lo), per_element(scale))
+    codes = (GroupAffine._steps(x, grid) + 0.5).floor().clamp(0, codec.levels)
     runs = codes.to(torch.uint8).view(3, per_byte, group // per_byte)  # [group, place in the byte, byte]
     want = sum(runs[:, j] << (bits * j) for j in range(per_byte)).to(torch.uint8).view(-1)
     assert torch.equal(packed, want)

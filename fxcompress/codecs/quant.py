@@ -116,16 +116,16 @@ def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
     return layout.unflatten(flat.to(layout.dtype))
 
 
-def _poison_nonfinite(param: torch.Tensor, *extremes: torch.Tensor) -> torch.Tensor:
+def _poison_nonfinite(param: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``param`` per group, NaN where the group holds a NaN or an inf.
 
-    ``extremes`` are per-group min/max (or max-abs): those reductions propagate NaN
-    and reach ±inf whenever the group holds one, so no second pass over the group.
+    ``scale`` is the group's: made from its min and max (or max-abs), which propagate NaN and
+    reach ±inf whenever the group holds one, it is NaN or ±inf exactly then. NB: ``param +
+    scale * 0``, two ops where isfinite tests on both extremes take a dozen; no code generator
+    folds ``* 0`` away (Inductor keeps NaN semantics: Triton without fast-math, C++ with
+    ``-fno-finite-math-only``), and ``tests/test_quant.py`` checks it compiled.
     """
-    finite = torch.isfinite(extremes[0])
-    for e in extremes[1:]:
-        finite = finite & torch.isfinite(e)
-    return torch.where(finite, param, torch.full_like(param, math.nan))
+    return param + scale * 0.0
 
 
 _PHI = (math.sqrt(5) - 1) / 2  # frac of the golden ratio: i * phi mod 1 spreads evenly over [0, 1)
@@ -138,6 +138,7 @@ def _dither(g: torch.Tensor) -> list[torch.Tensor]:
     r = torch.rand(n_groups, 1, 1, device=g.device)
     dither = []
     for j in range(per_byte):  # NB: slice j holds the group's elements j * n_bytes ... (j + 1) * n_bytes - 1
+        # NB: per slice, never a tensor with one element per code (see _group_min)
         i = torch.arange(j * n_bytes, (j + 1) * n_bytes, device=g.device, dtype=torch.float32).view(1, -1, 1)
         u = r + i * _PHI
         dither.append(u - u.floor())  # NB: exact in fp32 (Sterbenz), so u < 1
@@ -168,7 +169,7 @@ class GroupAffine(Codec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g = _groups(self.layout, x, self.group, per_byte=self.per_byte)
         lo, hi, scale, codes = self._codes(g)
-        return self._pack(codes), _poison_nonfinite(lo, lo, hi), scale
+        return self._pack(codes), _poison_nonfinite(lo, scale), scale
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, self._values(self._unpack(packed, lo), lo, scale))
@@ -181,12 +182,20 @@ class GroupAffine(Codec):
 
     def _round(self, g: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
         """``floor((x - lo) / scale + u)`` per code slice of ``g`` (:func:`_slices`): float codes, before clamping."""
-        return [(self._steps(x, lo, scale) + u).floor() for x, u in zip(_slices(g), self._rounding(g))]
+        grid = self._grid_of(lo, scale)  # NB: once per encoder, not once per code slice
+        return [(self._steps(x, grid) + u).floor() for x, u in zip(_slices(g), self._rounding(g))]
 
     @staticmethod
-    def _steps(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``(x - lo) / scale``. NB: in halves, so that ``x - lo`` cannot overflow for huge values of both signs."""
-        return (x * 0.5 - lo * 0.5) * (2.0 / scale)
+    def _grid_of(lo: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`_steps` takes of a grid: ``lo / 2`` and ``2 / scale``."""
+        return lo * 0.5, 2.0 / scale
+
+    @staticmethod
+    def _steps(x: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``(x - lo) / scale`` on a :meth:`_grid_of`. NB: in halves, so that ``x - lo`` cannot overflow
+        for huge values of both signs."""
+        lo_half, per_step = grid
+        return (x * 0.5 - lo_half) * per_step
 
     def _pack(self, codes: list[torch.Tensor], clamp: bool = True) -> torch.Tensor:
         """Float code slices to packed bytes; ``clamp=False`` for codes already within ``[0, levels]``."""
@@ -249,7 +258,7 @@ class GroupFP8(Codec):
         g = _groups(self.layout, x, self.group)
         amax = _group_max(g.abs())
         scale = self._scale(amax)
-        return (g * (1.0 / scale)).to(dtype), _poison_nonfinite(scale, amax)
+        return (g * (1.0 / scale)).to(dtype), _poison_nonfinite(scale, scale)
 
     def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, q.float() * scale)
@@ -349,15 +358,16 @@ class SplitAffine(Codec):
         # NB: in x's own dtype, so that the predicate is read as the op reads it
         raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         lo, hi, scale, codes = inner._codes(raw.float())
-        split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), lo, scale).floor()
+        split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), inner._grid_of(lo, scale)).floor()
         split = split.clamp(-1, inner.levels - 1)
         codes = [torch.where(self._swap(self.predicate(r)), torch.minimum(c, split), torch.maximum(c, split + 1))
                  for r, c in zip(_slices(raw), codes)]
         # A non-finite group decodes to NaN (``lo``); its split makes every element the
         # predicate's false side, so the restore keeps the NaN instead of a finite edge value.
         nan_split = torch.full_like(split, -1 if _LOW_SIDE[self.predicate.kind] else inner.levels)
-        split = torch.where(torch.isfinite(lo) & torch.isfinite(hi), split, nan_split)
-        return inner._pack(codes), _poison_nonfinite(lo, lo, hi), scale, split.to(torch.int16)
+        lo = _poison_nonfinite(lo, scale)
+        split = torch.where(lo == lo, split, nan_split)
+        return inner._pack(codes), lo, scale, split.to(torch.int16)
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
         inner = self.inner
@@ -428,7 +438,7 @@ class ClampedAffine(Codec):
         codes = inner._round(g, lo, scale)
         # A non-finite group decodes to NaN (``lo``) as a whole: no element gets code 0 (NaN codes would).
         # NB: "finite" read off the NaN of the stored ``lo``: two ops per element where four isfinite tests are a dozen.
-        lo = _poison_nonfinite(lo, lo, hi)
+        lo = _poison_nonfinite(lo, scale)
         codes = [torch.where(lo == lo, torch.where(c_is, 0.0, c.clamp(0, self.steps) + 1), 1.0)
                  for c, c_is in zip(codes, _slices(clamped))]
         return inner._pack(codes, clamp=False), lo, scale
