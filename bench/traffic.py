@@ -155,6 +155,7 @@ def _profile(fn, device: str) -> collections.Counter:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
+    # NB: CUDA alone on a GPU, as bench/where_peak.py, whose H100 log lists each kernel with its time
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         fn()
         if cuda:
