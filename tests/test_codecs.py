@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
-from fxcompress.codecs.base import pack_bits, pack_codes, pack_slices, unpack_bits, unpack_codes
+from fxcompress.codecs.base import pack_bits, pack_codes, pack_slices, unpack_bits, unpack_codes, unpack_slices
 from fxcompress.codecs.lossless import narrowest_int
 from fxcompress.codecs.uses import Predicate
 
@@ -26,6 +26,7 @@ def test_code_slices_pack_as_the_same_codes_in_memory_order(bits):
     assert torch.equal(unpack_codes(flat, bits, codes.numel()), codes.view(-1))
     slices = [codes.view(5, 16, per_byte)[..., j:j + 1] for j in range(per_byte)]
     assert torch.equal(pack_slices(slices, bits), flat)
+    assert torch.equal(unpack_slices(flat.view(5, 16), bits), codes.view(5, 16, per_byte).transpose(1, 2))
     with pytest.raises(ValueError, match=f"a byte holds {per_byte}"):
         pack_slices(slices[1:], bits)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes"]
+__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes", "unpack_slices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +117,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_slices(slices: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
     """Pack ``8 // bits`` uint8 tensors of codes into one byte per element, ``slices[j]`` at bit offset ``bits * j``.
 
-    NB: a codec that computes each slice from its own strided view of the
-    input (one code of every byte at a time) never forms a tensor with one
+    NB: a codec that computes each slice from its own view of the input
+    (one code of every byte at a time) never forms a tensor with one
     element per code, so every op of its encoder runs over the bytes' index,
     the loop of the reduction that finds the groups' ranges, and Inductor
     fuses the encoder into that one kernel. A tensor of all the codes is a
@@ -131,6 +131,13 @@ def pack_slices(slices: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
     for j, codes in enumerate(slices[1:], 1):
         packed = packed | (codes << bits * j)
     return packed.reshape(-1)
+
+
+def unpack_slices(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_slices` on bytes of shape ``(..., n)``: the codes as ``(..., 8 // bits, n)``,
+    ``[..., j, i]`` the code at bit offset ``bits * j`` of byte ``i``."""
+    shifts = _shifts(bits, packed.device).view(-1, 1)
+    return torch.bitwise_right_shift(packed.unsqueeze(-2), shifts).bitwise_and((1 << bits) - 1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from .base import Codec, Layout, _shifts, pack_bits, pack_slices, unpack_bits
+from .base import Codec, Layout, pack_bits, pack_slices, unpack_bits, unpack_slices
 from .uses import Predicate
 
 __all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
@@ -207,9 +207,8 @@ class GroupAffine(Codec):
         NB: unpacked in the groups' element order and seen through the transpose, so that
         :func:`_ungroup` flattens the decoded values without a copy (on the eager backend).
         """
-        shifts = _shifts(self.bits, packed.device).view(1, -1, 1)
-        codes = packed.view(lo.numel(), 1, self.group // self.per_byte) >> shifts  # [group, place, byte]
-        return (codes & self.levels).transpose(1, 2)
+        codes = unpack_slices(packed.view(lo.numel(), self.group // self.per_byte), self.bits)  # [group, place, byte]
+        return codes.transpose(1, 2)
 
     @staticmethod
     def _values(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
