@@ -329,10 +329,11 @@ class Partitioner(CustomPartitionerFn):
         # NB: the forward's placeholders are the joint graph's primals, in order and by name.
         primals = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         parameters = frozenset(primals[i] for i in kwargs.get("static_lifetime_input_indices") or ())
-        if self.config.codec is not Codec.NONE:
-            save_view_bases(fw, bw, kwargs["num_fwd_outputs"])
-            if self.backend is Backend.INDUCTOR:
-                restride_for_inductor(fw, bw, kwargs["num_fwd_outputs"])
+        # NB: for every codec, none included: the inventory counts a storage that saved views
+        # share once, so saved_bytes_before is the same number whatever the codec.
+        save_view_bases(fw, bw, kwargs["num_fwd_outputs"])
+        if self.config.codec is not Codec.NONE and self.backend is Backend.INDUCTOR:
+            restride_for_inductor(fw, bw, kwargs["num_fwd_outputs"])
         program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
         learned, substitutions = program, ()
         if self.config.learning_rule is LearningRule.ARA:

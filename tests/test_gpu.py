@@ -50,8 +50,15 @@ def test_nccl_ddp_lossless_equals_ddp_and_int4_stays_close(nccl, name):
     model, x = _on_gpu(name)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     plain = train_step(model, x, lambda m: ddp)
-    lossless = train_step(model, x, lambda m: fxcompress.compile(ddp, fxcompress.CompressConfig(codec="lossless"), backend="eager"))
-    assert_grads_equal(plain.grads, lossless.grads)
+    captured = {codec: train_step(model, x, lambda m: fxcompress.compile(
+        ddp, fxcompress.CompressConfig(codec=codec), backend="eager")) for codec in ("none", "lossless")}
+    # NB: bitwise against the same capture without a codec. AOTAutograd's graph is not eager's
+    # kernel sequence on CUDA: the convnet's first-conv weight gradient moved by 3.7e-6 against
+    # plain DDP on an H200 with lossless (bench/results/logs/tests_h200.log, 2026-12-01), while
+    # the transformer matched bitwise. On the CPU, test_distributed checks against plain DDP.
+    assert_grads_equal(captured["none"].grads, captured["lossless"].grads)
+    for k, g in plain.grads.items():
+        torch.testing.assert_close(captured["none"].grads[k], g, msg=lambda m: f"{k}: {m}")
     torch._dynamo.reset()
     int4 = train_step(model, x, lambda m: fxcompress.compile(ddp, fxcompress.CompressConfig(codec="int4")))
     assert _cosine(int4.grads, plain.grads) > 0.99
