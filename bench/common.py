@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -229,7 +230,6 @@ def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
 
 def run_child(cmd: list[str], label: str, timeout: float | None = None) -> dict | None:
     """Run one measurement in a fresh process; its ``RESULT {json}`` line, or None (reported) on failure."""
-    import subprocess
     import sys
 
     try:
@@ -247,11 +247,26 @@ def run_child(cmd: list[str], label: str, timeout: float | None = None) -> dict 
 def environment(device: str) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": device,
            "date": datetime.date.today().isoformat()}
+    if commit := _commit():
+        env["commit"] = commit
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     else:
         env["cpu"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     return env
+
+
+def _commit() -> str | None:
+    """The fxcompress commit measured: ``$FXCOMPRESS_COMMIT`` (a device machine's copy of the working
+    tree may lack ``.git``; bench/gpu_session.sh passes it), else ``git rev-parse``, else None."""
+    if commit := os.environ.get("FXCOMPRESS_COMMIT"):
+        return commit
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def block_paths(work: Workload) -> tuple[str, ...]:
@@ -282,6 +297,8 @@ def open_results(path: str | None, key: str, device: str, command: str | None) -
 def put_result(path: str | None, data: dict, key: str, row: dict, same: tuple[str, ...]) -> None:
     """Replace the row of ``data[key]`` equal to ``row`` in the fields ``same`` (or add it), then write
     the file, after every row, so that a run cut short keeps what it finished."""
+    if "commit" in data.get("environment", {}):  # NB: rows accumulate over runs; each names its own
+        row = {**row, "commit": data["environment"]["commit"]}
     data[key] = [r for r in data[key] if any(r[f] != row[f] for f in same)] + [row]
     if path:
         with open(path, "w") as f:

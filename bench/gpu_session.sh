@@ -7,6 +7,10 @@
 #
 #     bash bench/gpu_session.sh            # DEADLINE=560 seconds by default
 #     DEADLINE=300 STEPS="tests step" bash bench/gpu_session.sh
+#     FXCOMPRESS_COMMIT=abc1234 BUDGET_step=330 TESTS_K="nccl_ddp" bash bench/gpu_session.sh
+#
+# FXCOMPRESS_COMMIT names the commit in the results' rows (the device's copy of the tree has no
+# .git); BUDGET_<step> overrides a step's budget; TESTS_K narrows the tests step's -k expression.
 #
 # A call of 570 s left 329 s of a 15-minute budget on 2026-11-30 (the start took about a
 # minute): a second call made at once, on the still-warm machine (it waits 30 s), can run
@@ -32,8 +36,8 @@ H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
 
-run_step() {  # NAME BUDGET_SECONDS COMMAND...: run if BUDGET still fits before the deadline
-    local name=$1 budget=$2; shift 2
+run_step() {  # NAME BUDGET_SECONDS COMMAND...: run if BUDGET (or $BUDGET_<NAME>) still fits before the deadline
+    local name=$1 over="BUDGET_$1"; local budget=${!over:-$2}; shift 2
     local left=$((DEADLINE - (SECONDS - start)))
     if ((left < budget)); then
         echo "[session] skip $name: $left s left, budgeted $budget s"
@@ -57,7 +61,7 @@ for s in $STEPS; do
         peak) run_step peak 200 python3 bench/where_peak.py --model resnet50 --variant "fxcompress int4" --top 15 ;;
         # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
         tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
-                  tests/test_lossless.py tests/test_reliability.py -k "cuda or test_gpu" ;;
+                  tests/test_lossless.py tests/test_reliability.py -k "${TESTS_K:-cuda or test_gpu}" ;;
         blpa) run_step blpa 330 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
                   --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
         gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \

@@ -71,8 +71,8 @@ def _speed(path: pathlib.Path, data: dict) -> str:
         f"counted as per-sample too, so it errs low):",
         "",
         "| model | variant | batch | items/s | × torch.compile | peak GiB | activation GiB | × less activation "
-        f"| saved GiB (before→after) | compile s | max batch @{CAP_GIB} GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| saved GiB (before→after) | compile s | max batch @{CAP_GIB} GiB | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = base.get(r["model"])
@@ -81,7 +81,7 @@ def _speed(path: pathlib.Path, data: dict) -> str:
         saved = f"{r['saved_gib_before']:.2f}→{r['saved_gib_after']:.2f}" if r.get("saved_gib_before") is not None else "–"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['batch']} | {r['items_per_s']:,.0f} | {speed} | {r['peak_gib']:.2f} | "
-            f"{r['activation_gib']:.2f} | {less} | {saved} | {r['compile_s']:.0f} | {_max_batch(r)} |"
+            f"{r['activation_gib']:.2f} | {less} | {saved} | {r['compile_s']:.0f} | {_max_batch(r)} | {r.get('commit', '–')} |"
         )
     verdicts = _targets(rows, base)
     if verdicts:
