@@ -10,7 +10,8 @@
 #     FXCOMPRESS_COMMIT=abc1234 BUDGET_step=330 TESTS_K="nccl_ddp" bash bench/gpu_session.sh
 #
 # FXCOMPRESS_COMMIT names the commit in the results' rows (the device's copy of the tree has no
-# .git); BUDGET_<step> overrides a step's budget; TESTS_K narrows the tests step's -k expression.
+# .git); BUDGET_<step> overrides a step's budget; TESTS_K narrows the tests step's -k expression;
+# TRAFFIC_VARIANTS replaces "plain int4" (plain's kernels do not change with fxcompress's code).
 #
 # A call of 570 s left 329 s of a 15-minute budget on 2026-11-30 (the start took about a
 # minute): a second call made at once, on the still-warm machine (it waits 30 s), can run
@@ -57,7 +58,7 @@ for s in $STEPS; do
                   --variants torch.compile "fxcompress int4" "fxcompress int2" --out "bench/results/step_$H.json" ;;
         # 177 s for plain and int4 on an H200 (2026-11-30), before --time
         traffic) run_step traffic 240 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
-                  --variants plain int4 --time 5 --out "bench/results/traffic_$H.json" ;;
+                  --variants ${TRAFFIC_VARIANTS:-plain int4} --time 5 --out "bench/results/traffic_$H.json" ;;
         peak) run_step peak 200 python3 bench/where_peak.py --model resnet50 --variant "fxcompress int4" --top 15 ;;
         # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
         tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
