@@ -228,33 +228,29 @@ def test_clamped_codes_are_unbiased_up_to_the_threshold():
         assert (mean[x == 0] == 0).all()
 
 
-@pytest.mark.parametrize("bits,keeping", [(8, None), (8, SplitAffine), *((b, k) for b in (4, 2)
-                                           for k in (None, SplitAffine, ClampedAffine))])
-def test_encoders_reduce_over_the_words_they_pack(bits, keeping):
-    """Each group's min and max are reduced over the ``G / per_word`` words of its codes (the codes of
-    a word combined elementwise first, never by a reduction: Inductor would make one over 8 a kernel of
-    its own), and the codes are computed one slice of each word at a time, never as a tensor with
-    one element per code: every op after the reduction runs over the packed words' index, and Triton's
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("keeping", [None, SplitAffine, ClampedAffine])
+def test_encoders_reduce_over_the_bytes_they_pack(bits, keeping):
+    """Each group's min and max are reduced over the ``G / per_byte`` bytes of its codes (the codes of
+    a byte first), and the codes are computed one slice of each byte at a time, never as a tensor with
+    one element per code: every op after the reduction runs over the packed bytes' index, and Triton's
     scheduler fuses reduction, rounding and pack into one kernel that reads ``x`` once. Reducing over
     all ``G`` elements gave two or three kernels reading it twice; so did a tensor of all the codes,
-    once its ops passed Inductor's inlining limit on GPUs (``bench/traffic.py --codegen triton``).
-    A group of 256 is 64 words or fewer at every width: Inductor's limit for a one-pass reduction
-    (:attr:`GroupAffine.per_word`)."""
+    once its ops passed Inductor's inlining limit on GPUs (``bench/traffic.py --codegen triton``)."""
     x = torch.randn(4, 8, 16, 16).to(memory_format=torch.channels_last)
     relu = Predicate("le", (0.0,))
     inner = GroupAffine(Layout.of(x), bits, 256, keeping is not SplitAffine)
     codec = inner if keeping is None else keeping(inner, relu, relu.near_values(x.dtype))
     graph = make_fx(lambda t: codec.encode(t))(torch.relu(x)).graph
-    per_word, groups = inner.per_word, x.numel() // 256
-    assert per_word == 32 // bits and 256 // per_word <= 64
+    per_byte, groups = 8 // bits, x.numel() // 256
     aten = torch.ops.aten
     reduced = [n.args[0].meta["val"].shape for n in graph.nodes if n.target in (aten.amin.default, aten.amax.default)]
-    # a word's codes first, elementwise, then the group's words
-    assert reduced and set(map(tuple, reduced)) == {(groups, 256 // per_word, 1)}
+    over_bytes = [tuple(s) for s in reduced if s[-1] != per_byte]
+    assert over_bytes and set(over_bytes) == {(groups, 256 // per_byte)}
     codes = [n.meta["val"] for n in graph.nodes
-             if n.op == "call_function" and (n.target is aten.floor.default or n.meta["val"].dtype == torch.int32)]
-    assert codes and all(c.numel() in (groups, x.numel() // per_word) for c in codes)
-    assert codes[-1].shape == (x.numel() // per_word,) and codes[-1].dtype == torch.int32
+             if n.op == "call_function" and (n.target is aten.floor.default or n.meta["val"].dtype == torch.uint8)]
+    assert codes and all(c.numel() in (groups, x.numel() // per_byte) for c in codes)
+    assert codes[-1].shape == (x.numel() // per_byte,)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -406,25 +402,19 @@ def test_autocast_weight_copies_stay_exact(name):
     assert any(r.codec.startswith("int4") for r in rows)  # activations still quantized
 
 
-@pytest.mark.parametrize("bits,group,word", [(8, 64, torch.int32), (4, 64, torch.int32), (2, 64, torch.int32),
-                                              (2, 24, torch.int16), (4, 8, torch.int32), (2, 8, torch.int16),
-                                              (2, 12, torch.uint8)])
-def test_a_word_packs_codes_of_contiguous_runs_of_its_group(bits, group, word):
-    """The stored format: word ``w`` of a group holds the codes of its elements ``w``,
-    ``w + G*bits/32``, ... (low bits first), so each place in the words covers one contiguous
-    run of the group, the layout that lets Inductor read a group with stride 1. 32-bit words
-    where the group size allows; 16- or 8-bit words where it does not."""
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_a_byte_packs_codes_of_contiguous_runs_of_its_group(bits):
+    """The stored format: byte ``b`` of a group holds the codes of its elements ``b``,
+    ``b + G*bits/8``, ... (low bits first), so each place in the bytes covers one contiguous
+    run of the group, the layout that lets Inductor read a group with stride 1."""
+    per_byte, group = 8 // bits, 64
     x = torch.randn(3 * group, generator=torch.Generator().manual_seed(bits))
     codec = GroupAffine(Layout.of(x), bits, group, False)
     packed, lo, scale = codec.encode(x)
-    per_word = word.itemsize * 8 // bits
-    assert (codec.per_word, codec.word, packed.dtype) == (per_word, word, word)
-    assert packed.numel() * packed.element_size() + lo.nbytes + scale.nbytes == codec.nbytes()
     # the codes of round-to-nearest, element by element in memory order, with the codec's arithmetic
     per_element = lambda t: t.view(-1, 1).expand(-1, group).reshape(-1)  # noqa: E731
     grid = GroupAffine._grid_of(per_element(lo), per_element(scale))
     codes = (GroupAffine._steps(x, grid) + 0.5).floor().clamp(0, codec.levels)
-    runs = codes.long().view(3, per_word, group // per_word)  # [group, place in the word, word]
-    want = sum(runs[:, j] << (bits * j) for j in range(per_word)).view(-1)
-    assert torch.equal(packed.long() & ((1 << word.itemsize * 8) - 1), want)
-    assert torch.equal(codec.decode(packed, lo, scale), codec.decode(want.to(word), lo, scale))
+    runs = codes.to(torch.uint8).view(3, per_byte, group // per_byte)  # [group, place in the byte, byte]
+    want = sum(runs[:, j] << (bits * j) for j in range(per_byte)).to(torch.uint8).view(-1)
+    assert torch.equal(packed, want)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["WORDS", "Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes", "unpack_slices"]
+__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes", "unpack_slices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +90,9 @@ class Codec(abc.ABC):
         """Backward side: a tensor with ``x``'s layout that every consumer accepts."""
 
 
-WORDS = {8: torch.uint8, 16: torch.int16, 32: torch.int32}  # word width in bits -> the dtype that holds it
-
-
-def _shifts(bits: int, device: torch.device, word: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Bit offsets of the codes in a ``word``: 0, bits, 2*bits, ... (``8 // bits`` in a byte)."""
-    return torch.arange(0, word.itemsize * 8, bits, dtype=word, device=device)
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    """Bit offsets of the ``8 // bits`` codes in a byte: 0, bits, 2*bits, ..."""
+    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -117,31 +114,29 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes * weights).sum(-1, dtype=torch.uint8)
 
 
-def pack_slices(slices: Sequence[torch.Tensor], bits: int, word: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Pack ``width // bits`` tensors of codes into one ``word`` (of ``width`` bits: uint8, int16 or
-    int32) per element, ``slices[j]`` at bit offset ``bits * j``; signed words use their sign bit too.
+def pack_slices(slices: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
+    """Pack ``8 // bits`` uint8 tensors of codes into one byte per element, ``slices[j]`` at bit offset ``bits * j``.
 
     NB: a codec that computes each slice from its own view of the input
-    (one code of every word at a time) never forms a tensor with one
-    element per code, so every op of its encoder runs over the words' index,
+    (one code of every byte at a time) never forms a tensor with one
+    element per code, so every op of its encoder runs over the bytes' index,
     the loop of the reduction that finds the groups' ranges, and Inductor
     fuses the encoder into that one kernel. A tensor of all the codes is a
     loop of its own: past Inductor's inlining limit (30 ops on GPUs) it is
     written out, and the encoder becomes three kernels that read the input twice.
     """
-    width = word.itemsize * 8
-    if len(slices) != width // bits:
-        raise ValueError(f"{len(slices)} slices of {bits}-bit codes: a {width}-bit word holds {width // bits}")
-    packed = slices[0].to(word)
+    if len(slices) != 8 // bits:
+        raise ValueError(f"{len(slices)} slices of {bits}-bit codes: a byte holds {8 // bits}")
+    packed = slices[0]
     for j, codes in enumerate(slices[1:], 1):
-        packed = packed | (codes.to(word) << bits * j)
+        packed = packed | (codes << bits * j)
     return packed.reshape(-1)
 
 
 def unpack_slices(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_slices` on words of shape ``(..., n)``: the codes as ``(..., width // bits, n)``
-    in the words' dtype, ``[..., j, i]`` the code at bit offset ``bits * j`` of word ``i``."""
-    shifts = _shifts(bits, packed.device, packed.dtype).view(-1, 1)
+    """Inverse of :func:`pack_slices` on bytes of shape ``(..., n)``: the codes as ``(..., 8 // bits, n)``,
+    ``[..., j, i]`` the code at bit offset ``bits * j`` of byte ``i``."""
+    shifts = _shifts(bits, packed.device).view(-1, 1)
     return torch.bitwise_right_shift(packed.unsqueeze(-2), shifts).bitwise_and((1 << bits) - 1)
 
 

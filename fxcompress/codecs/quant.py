@@ -3,11 +3,9 @@
 Groups are ``group`` consecutive elements in memory order (channels-last
 stays channels-last, no reshape copy). Every group stores its own range, so
 one outlier costs precision only in its group. A group's ``b``-bit codes are
-packed ``32 / b`` to a 32-bit word (fewer where ``G`` needs: 16- or 8-bit
-words), word ``i`` holding elements ``i``, ``i + W``, ``i + 2*W``, ... of
-the group (``W = G*b/32`` words per group; in the low bits first): each
-place in the words covers a contiguous part of the group (:func:`_groups`
-says why), and a group of 256 is at most 64 words (:attr:`GroupAffine.per_word` says why that matters).
+packed ``8 / b`` to a byte, byte ``i`` holding elements ``i``, ``i + G*b/8``,
+``i + 2*G*b/8``, ... of the group (in the low bits first): each place in
+the bytes covers a contiguous part of the group (:func:`_groups` says why).
 
 ``GroupAffine(bits=b)``, per group of G elements with minimum ``lo`` and
 ``scale = (max - lo) / (2**b - 1)``::
@@ -48,12 +46,11 @@ never as finite garbage.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
 
-from .base import WORDS, Codec, Layout, pack_bits, pack_slices, unpack_bits, unpack_slices
+from .base import Codec, Layout, pack_bits, pack_slices, unpack_bits, unpack_slices
 from .uses import Predicate
 
 __all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
@@ -65,57 +62,54 @@ _MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 def _groups(layout: Layout, x: torch.Tensor, group: int, dtype: torch.dtype | None = torch.float32,
-            per_word: int = 1) -> torch.Tensor:
-    """``x`` in memory order as ``(n_groups, group // per_word, per_word)`` in ``dtype`` (``None``: its
-    own), the last group padded by repetition. ``per_word`` is how many codes share a word.
+            per_byte: int = 1) -> torch.Tensor:
+    """``x`` in memory order as ``(n_groups, group // per_byte, per_byte)`` in ``dtype`` (``None``: its
+    own), the last group padded by repetition. ``per_byte`` is how many codes share a byte.
 
-    ``[k, w, j]`` is element ``j * (group // per_word) + w`` of group ``k``: word ``w`` of a group
-    holds the codes of elements ``w``, ``w + group / per_word``, ... (int4 in 32-bit words: ``w``,
-    ``w + G/8``, ...), so each place in a word (:func:`_slices`) reads a contiguous run of the
-    group. Inductor then sees the group's reduction read with stride 1 (one pass, vector loads;
+    ``[k, b, j]`` is element ``j * (group // per_byte) + b`` of group ``k``: byte ``b`` of a group
+    holds the codes of elements ``b``, ``b + group / per_byte``, ... (int4: ``b`` and ``b + G/2``),
+    so each place in a byte (:func:`_slices`) reads a contiguous run of the group. Inductor then
+    sees the group's reduction read with stride 1 (an inner reduction: one pass, vector loads;
     neighbouring elements in one byte made every read strided, and an int4 group two passes),
-    and decoders read runs of consecutive words.
+    and decoders read runs of consecutive bytes.
     """
     flat = layout.flatten(x)
     n = flat.numel()
     if n % group:
         flat = torch.cat([flat, flat[-1:].expand(group - n % group)])
-    g = flat.view(-1, per_word, group // per_word).transpose(1, 2)
+    g = flat.view(-1, per_byte, group // per_byte).transpose(1, 2)
     return g if dtype is None else g.to(dtype)
 
 
 def _group_min(g: torch.Tensor) -> torch.Tensor:
     """Per-group minimum of :func:`_groups`' groups, as ``(n_groups, 1, 1)``.
 
-    NB: over a word's codes first, then over the words: the reduction then runs
-    over the packed words' index, the same loop as the quantize-and-pack that
+    NB: over a byte's codes first, then over the bytes: the reduction then runs
+    over the packed bytes' index, the same loop as the quantize-and-pack that
     reads its result (:func:`_slices`), and Inductor makes the encoder one
     kernel that reads ``x`` once (over all ``G`` elements at once, the pack's
     loop would differ and the encoder would read ``x`` twice, in two or three kernels).
-    Each of a word's codes comes from its own contiguous run of the group (:func:`_groups`).
-    A word's codes are combined elementwise, slice by slice: Inductor unrolls only reductions of
-    fewer than 8 elements (``unroll_reductions_threshold``), and ``amin`` over int4's 8 per word
-    was a kernel of its own, reading ``x`` a second time.
+    Each of a byte's codes comes from its own contiguous run of the group (:func:`_groups`).
     """
-    return functools.reduce(torch.minimum, _slices(g)).amin(-2, keepdim=True)
+    return g.amin(-1).amin(-1, keepdim=True).unsqueeze(-1)
 
 
 def _group_max(g: torch.Tensor) -> torch.Tensor:
     """Per-group maximum, as :func:`_group_min`."""
-    return functools.reduce(torch.maximum, _slices(g)).amax(-2, keepdim=True)
+    return g.amax(-1).amax(-1, keepdim=True).unsqueeze(-1)
 
 
 def _slices(g: torch.Tensor) -> list[torch.Tensor]:
-    """:func:`_groups`' groups one code of each word at a time: ``g[..., j:j+1]``, the ``j``-th code of every word.
+    """:func:`_groups`' groups one code of each byte at a time: ``g[..., j:j+1]``, the ``j``-th code of every byte.
 
     An encoder computes each code slice apart and packs them with
-    :func:`pack_slices`, so that all its ops run over the words' index.
+    :func:`pack_slices`, so that all its ops run over the bytes' index.
     """
     return [g[..., j:j + 1] for j in range(g.shape[-1])]
 
 
 def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_groups`: ``(n_groups, group // per_word, per_word)`` back to ``layout``."""
+    """Inverse of :func:`_groups`: ``(n_groups, group // per_byte, per_byte)`` back to ``layout``."""
     flat = groups.transpose(1, 2).reshape(-1)
     if flat.numel() != layout.numel:
         flat = flat[: layout.numel]
@@ -140,12 +134,12 @@ _PHI = (math.sqrt(5) - 1) / 2  # frac of the golden ratio: i * phi mod 1 spreads
 def _dither(g: torch.Tensor) -> list[torch.Tensor]:
     """Stochastic rounding's ``u`` for :func:`_groups`' groups, per code slice (:func:`_slices`):
     ``frac(r + i * phi)``, one draw ``r`` per group, ``i`` the element's place in its group."""
-    n_groups, n_words, per_word = g.shape
+    n_groups, n_bytes, per_byte = g.shape
     r = torch.rand(n_groups, 1, 1, device=g.device)
     dither = []
-    for j in range(per_word):  # NB: slice j holds the group's elements j * n_words ... (j + 1) * n_words - 1
+    for j in range(per_byte):  # NB: slice j holds the group's elements j * n_bytes ... (j + 1) * n_bytes - 1
         # NB: per slice, never a tensor with one element per code (see _group_min)
-        i = torch.arange(j * n_words, (j + 1) * n_words, device=g.device, dtype=torch.float32).view(1, -1, 1)
+        i = torch.arange(j * n_bytes, (j + 1) * n_bytes, device=g.device, dtype=torch.float32).view(1, -1, 1)
         u = r + i * _PHI
         dither.append(u - u.floor())  # NB: exact in fp32 (Sterbenz), so u < 1
     return dither
@@ -169,28 +163,11 @@ class GroupAffine(Codec):
         return (1 << self.bits) - 1
 
     @property
-    def per_word(self) -> int:
-        """Codes per word: ``32 // bits`` where the group size allows (any multiple of 8 but int2's).
-
-        NB: Inductor makes a reduction persistent (one pass, its block autotuned)
-        when its hint at that decision is "inner" and it spans up to 1024
-        elements, or otherwise up to 64. An encoder's reduction runs over the
-        group's words (:func:`_group_min`) with strided reads, decided "default"
-        (tiling scores call it inner only later), so over more than 64 words it
-        is a loop with one fixed block of two groups, never autotuned (torch
-        2.11-2.13's heuristics): with bytes, int4's 128 per group ran at
-        1,120 GB/s on an H200 where model kernels reach 2,200-3,400 GB/s
-        (``bench/results/traffic_h200.json``). 32-bit words make a group of 256
-        at most 64 words at every width.
-        """
-        return math.gcd(32 // self.bits, self.group)
-
-    @property
-    def word(self) -> torch.dtype:
-        return WORDS[self.per_word * self.bits]
+    def per_byte(self) -> int:
+        return 8 // self.bits
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        g = _groups(self.layout, x, self.group, per_word=self.per_word)
+        g = _groups(self.layout, x, self.group, per_byte=self.per_byte)
         lo, hi, scale, codes = self._codes(g)
         return self._pack(codes), _poison_nonfinite(lo, scale), scale
 
@@ -221,16 +198,16 @@ class GroupAffine(Codec):
         return (x * 0.5 - lo_half) * per_step
 
     def _pack(self, codes: list[torch.Tensor], clamp: bool = True) -> torch.Tensor:
-        """Float code slices to packed words; ``clamp=False`` for codes already within ``[0, levels]``."""
-        return pack_slices([(c.clamp(0, self.levels) if clamp else c).to(self.word) for c in codes], self.bits, self.word)
+        """Float code slices to packed bytes; ``clamp=False`` for codes already within ``[0, levels]``."""
+        return pack_slices([(c.clamp(0, self.levels) if clamp else c).to(torch.uint8) for c in codes], self.bits)
 
     def _unpack(self, packed: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        """The codes in :func:`_groups`' layout, ``(n_groups, group // per_word, per_word)``.
+        """The codes in :func:`_groups`' layout, ``(n_groups, group // per_byte, per_byte)``.
 
         NB: unpacked in the groups' element order and seen through the transpose, so that
         :func:`_ungroup` flattens the decoded values without a copy (on the eager backend).
         """
-        codes = unpack_slices(packed.view(lo.numel(), self.group // self.per_word), self.bits)  # [group, place, word]
+        codes = unpack_slices(packed.view(lo.numel(), self.group // self.per_byte), self.bits)  # [group, place, byte]
         return codes.transpose(1, 2)
 
     @staticmethod
@@ -258,7 +235,7 @@ class GroupAffine(Codec):
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         """Per-element bound on ``|x' - x|`` (before the cast back to ``x``'s dtype): one step
         (stochastic) or half a step (nearest), plus fp32 rounding in the code arithmetic."""
-        g = _groups(self.layout, x, self.group, per_word=self.per_word)
+        g = _groups(self.layout, x, self.group, per_byte=self.per_byte)
         scale = self._scale(_group_min(g), _group_max(g))
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), self._bound(scale, g))
 
@@ -378,7 +355,7 @@ class SplitAffine(Codec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inner = self.inner
         # NB: in x's own dtype, so that the predicate is read as the op reads it
-        raw = _groups(inner.layout, x, inner.group, dtype=None, per_word=inner.per_word)
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         lo, hi, scale, codes = inner._codes(raw.float())
         split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), inner._grid_of(lo, scale)).floor()
         split = split.clamp(-1, inner.levels - 1)
@@ -454,7 +431,7 @@ class ClampedAffine(Codec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inner = self.inner
         # NB: in x's own dtype, so that the predicate is read as the op reads it
-        raw = _groups(inner.layout, x, inner.group, dtype=None, per_word=inner.per_word)
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         g, clamped = raw.float(), self.predicate(raw)
         lo, hi, scale = self._grid(g, clamped)
         codes = inner._round(g, lo, scale)
@@ -488,7 +465,7 @@ class ClampedAffine(Codec):
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         inner = self.inner
-        raw = _groups(inner.layout, x, inner.group, dtype=None, per_word=inner.per_word)
+        raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         g, clamped = raw.float(), self.predicate(raw)
         _, _, scale = self._grid(g, clamped)
         bound = torch.where(clamped, (g - self.predicate.consts[0]).abs(), inner._bound(scale, g))
