@@ -147,8 +147,8 @@ def _saved(path: pathlib.Path, data: dict) -> str:
         f"Saved bytes from the captured graphs, CPU capture of the benchmark models at a small batch "
         f"(`{path.name}`, {_where(data['environment'])}; {_commands(data)}; eager backend, bf16 autocast): "
         "activations = all saved tensors but autocast's bf16 weight copies (exact, not growing with the batch); "
-        "× = before / after the codec, in that capture (under `none` each saved view of one storage counts in "
-        "full, so its totals can exceed the others' before). Not a GPU's measured memory:",
+        "× = before / after the codec, in that capture (a storage that several saved views share counts once, "
+        "under every codec). Not a GPU's measured memory:",
         "",
         "| model | batch | dropout | codec | all GiB | activations GiB | × | in the blocks GiB | × |",
         "|---|---|---|---|---|---|---|---|---|",
