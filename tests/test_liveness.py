@@ -1,12 +1,16 @@
 """Liveness agrees with FX's own last-use markers and with what the report counts."""
 import re
+import weakref
 
 import pytest
+import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxcompress
 from fxcompress.passes.liveness import analyze_liveness
 from conftest import ZOO_NAMES, compressed, make_model, train_step
+from test_quant import _no_dropout
 
 _LINE = re.compile(r"^\s+(\w+) = .*?;\s+((?:\w+ = )+)None$")
 
@@ -65,3 +69,39 @@ def test_predicted_peak_falls_with_int4(name):
     report = fxcompress.explain(train_step(model, x, compressed("int4")).module)
     assert report.predicted_peak_bytes_after < report.predicted_peak_bytes_before
     assert "predicted step peak:" in str(report)
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet", "transformer"])
+@pytest.mark.parametrize("codec", ["none", "int4"])
+def test_eager_backend_frees_saved_tensors_during_the_backward(name, codec):
+    """The plan ends a saved tensor's range at its last backward use; the eager backend must free
+    it there, not when the whole compiled backward returns (each op of the backward sees fewer
+    of the forward's saved tensors alive; they held on until the end before the backward took its
+    inputs the boxed way, and a ResNet-50 step under ``none`` peaked 12.7% above the plan on an H100)."""
+    model, x = make_model(name)
+    cm = fxcompress.compile(_no_dropout(model), fxcompress.CompressConfig(codec=codec), backend="eager")
+    cm(x).float().sum().backward()  # compiled outside the watch
+    refs = []
+
+    def pack(t):
+        refs.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = cm(x)  # only the compiled graph's saved tensors are watched
+    loss = out.float().pow(2).mean()
+    alive = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            alive.append(sum(r() is not None for r in refs))
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        loss.backward()
+    kept = sum(r() is not None for r in refs)  # parameters: the model holds them
+    freed = len(refs) - kept
+    assert freed > 2 and min(alive) == kept
+    # step by step while ops still run (the op that last reads several frees them together);
+    # freed at the end, the backward saw two counts, all and the parameters
+    assert len(set(alive)) > 2 + freed // 4, sorted(set(alive))
