@@ -15,12 +15,15 @@
 #
 # A call of 570 s left 329 s of a 15-minute budget on 2026-11-30 (the start took about a
 # minute): a second call made at once, on the still-warm machine (it waits 30 s), can run
-# what the first skipped, e.g. STEPS="blpa" DEADLINE=280.
+# what the first skipped, e.g. STEPS="blpa" DEADLINE=280. Budgets are what a fresh machine
+# needs (no compile caches): on 2026-12-01 a 100 s tests budget ran only 2 tests (all 12 took
+# 137 s earlier that day); the python start check itself takes about 10 s of DEADLINE.
 #
 # Then, here: copy $OUT's bench/results files into bench/results/, `python bench/report.py`,
 # commit with the device, torch version and this command. Steps (STEPS picks some, in order):
 #   tests    tests/test_gpu.py and the CUDA cases of test_lossless.py and test_reliability.py:
 #            NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility, memory over 200 steps
+#   predict  issue 4: predicted vs measured step peak, eager backend (bench/peak.py)
 #   traffic  what Triton fuses of the codecs (kernel roles and bytes) and where the time goes
 #            (ms and GB/s by role, slowest kernels), ResNet-50 batch 64, plain and int4
 #   peak     what is live at ResNet-50 int4's memory peak (batch 256), and the top kernels
@@ -32,7 +35,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-tests traffic peak step blpa gpt2}
+STEPS=${STEPS:-tests predict step traffic blpa gpt2 peak}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -59,6 +62,10 @@ for s in $STEPS; do
         # 177 s for plain and int4 on an H200 (2026-11-30), before --time
         traffic) run_step traffic 240 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
                   --variants ${TRAFFIC_VARIANTS:-plain int4} --time 5 --out "bench/results/traffic_$H.json" ;;
+        # issue 4: the plan's peak against max_memory_allocated, eager backend, ResNet-50 b64 and
+        # GPT-2 8 x 1024, none and int4 (the H100's none rows predate the boxed-call fix, 59795f1)
+        predict) run_step predict 240 python3 bench/peak.py --device cuda --backends eager \
+                  --out "bench/results/peak_$H.json" ;;
         peak) run_step peak 200 python3 bench/where_peak.py --model resnet50 --variant "fxcompress int4" --top 15 ;;
         # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
         tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
@@ -67,7 +74,7 @@ for s in $STEPS; do
                   --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
         gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int8" "fxcompress int4" --out "bench/results/step_$H.json" ;;
-        *) echo "[session] unknown step $s (known: tests traffic peak step blpa gpt2)"; exit 2 ;;
+        *) echo "[session] unknown step $s (known: tests predict step traffic blpa gpt2 peak)"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start)) s; results in $OUT/bench/results"

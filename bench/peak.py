@@ -11,7 +11,9 @@ in the prediction). ``predicted`` is ``explain(cm).predicted_peak_bytes_after``
 (``_before`` is the same graph before the rewrite). The loss is computed inside
 the compiled module so that the whole step is in the captured graphs.
 ``max_memory_reserved`` is recorded too: reserved minus allocated is the
-allocator's fragmentation and caching.
+allocator's fragmentation and caching. On a CPU (``--device cpu``, fp32, no
+autocast) ``measured`` is the peak of the live bytes the profiler's
+allocator events add up to (:func:`cpu_peak`); nothing is reserved there.
 
 With ``backend="eager"`` the rewritten graphs run node by node as predicted;
 with ``backend="inductor"`` Inductor fuses away many transients, so its
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import GiB, build, environment, run_child  # noqa: E402
+from common import GiB, build, open_results, put_result, run_child  # noqa: E402
 
 BATCH = {"resnet50": 64, "gpt2": 8}  # the issue's sizes: ResNet-50 batch 64, GPT-2 8 x 1024
 TOLERANCE = 0.10
@@ -49,10 +51,12 @@ class PeakRow:
     reserved_gib: float
     steady_gib: float
     graphs: int
+    batch: int = 0
+    device: str = ""
 
     @property
     def error(self) -> float:
-        if not self.measured_gib:  # CPU smoke runs measure nothing
+        if not self.measured_gib:
             return float("nan")
         return (self.predicted_gib - self.measured_gib) / self.measured_gib
 
@@ -68,9 +72,29 @@ class WithLoss(nn.Module):
         return self.loss_fn(self.model(*inputs))
 
 
-def run_one(model_name: str, backend: str, codec: str, device: str) -> PeakRow:
+def cpu_peak(fn) -> int:
+    """The most bytes ``fn()`` holds allocated on the CPU at once, above what was allocated before it.
+
+    From the profiler's allocator events (``profile_memory``): each allocation and free, in time
+    order, summed. The CPU allocator caches nothing, so this is the live bytes' peak, the CPU's
+    ``max_memory_allocated() - memory_allocated()``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = top = 0
+    for e in events:
+        live += e.nbytes()
+        top = max(top, live)
+    return top
+
+
+def run_one(model_name: str, backend: str, codec: str, device: str, batch: int | None = None) -> PeakRow:
     torch.manual_seed(0)
-    work = build(model_name, device, BATCH.get(model_name))
+    work = build(model_name, device, batch or BATCH.get(model_name))
     cm = fxcompress.compile(WithLoss(work.model, work.loss_fn), fxcompress.CompressConfig(codec=codec), backend=backend)
     opt = torch.optim.SGD(work.model.parameters(), lr=1e-4)
     cuda = device.startswith("cuda")
@@ -90,15 +114,17 @@ def run_one(model_name: str, backend: str, codec: str, device: str) -> PeakRow:
         torch.cuda.synchronize()
         steady = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    forward_backward()
-    if cuda:
+        forward_backward()
         torch.cuda.synchronize()
         peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    else:
+        peak = cpu_peak(forward_backward)
     report = fxcompress.explain(cm)
     return PeakRow(
         model_name, backend, codec,
         report.predicted_peak_bytes_before / GiB, report.predicted_peak_bytes_after / GiB,
-        (peak - steady) / GiB, reserved / GiB, steady / GiB, len(cm.capture_log.captures()),
+        (peak - steady) / GiB, reserved / GiB, steady / GiB, len(cm.capture_log.captures()), work.batch,
+        "cuda" if cuda else "cpu",
     )
 
 
@@ -108,11 +134,12 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet50", "gpt2"])
     p.add_argument("--backends", nargs="+", default=["eager", "inductor"])
     p.add_argument("--codecs", nargs="+", default=["none", "int4"])
+    p.add_argument("--batch", type=int, help="instead of the issue's (ResNet-50 64, GPT-2 8)")
     p.add_argument("--out")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "BACKEND", "CODEC"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        row = run_one(*args.one, args.device)
+        row = run_one(*args.one, args.device, args.batch)
         print("RESULT " + json.dumps(dataclasses.asdict(row)), flush=True)
         return
 
@@ -122,6 +149,7 @@ def main() -> None:
             for codec in args.codecs:
                 print(f"[peak] {model} / {backend} / {codec} ...", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--device", args.device, "--one", model, backend, codec]
+                cmd += ["--batch", str(args.batch)] if args.batch else []
                 result = run_child(cmd, f"[peak] {model} / {backend} / {codec}")
                 if result is not None:
                     rows.append(PeakRow(**result))
@@ -132,15 +160,10 @@ def main() -> None:
         verdict = "" if r.backend != "eager" else ("  ok" if abs(r.error) <= TOLERANCE else "  OVER 10%")
         print(f"{r.model:<9} {r.backend:<9} {r.codec:<6} {r.predicted_gib:>9.3f} {r.measured_gib:>9.3f} "
               f"{r.error:>+7.1%} {r.reserved_gib:>9.3f} {r.graphs:>6}   [{r.predicted_before_gib:.3f}]{verdict}")
-    if args.out:
-        payload = {
-            "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-            "environment": environment(args.device),
-            "peak": [dict(dataclasses.asdict(r), error=r.error) for r in rows],
-        }
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+    if args.out:  # NB: rows accumulate across runs (a run replaces its own), e.g. one batch per model on a CPU
+        data = open_results(args.out, "peak", args.device, " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
+        for r in rows:
+            put_result(args.out, data, "peak", dict(dataclasses.asdict(r), error=r.error), ("model", "backend", "codec"))
 
 
 if __name__ == "__main__":

@@ -126,15 +126,20 @@ def _targets(rows: list[dict], base: dict) -> list[str]:
 def _peak(path: pathlib.Path, data: dict) -> str:
     lines = [
         f"Predicted vs measured step peak (`{path.name}`, {_where(data['environment'])}; {_commands(data)}; "
-        "GiB above the steady allocation):",
+        "GiB above the steady allocation"
+        + ("" if "gpu" in data["environment"] else "; fp32, measured = the peak of the live bytes the profiler's "
+           "allocator events add up to, the CPU allocator caching nothing")
+        + "):",
         "",
-        "| model | backend | codec | predicted | measured | error | max reserved |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | backend | codec | predicted | measured | error | max reserved |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["peak"]:
+        batch = r.get("batch") or {"resnet50": 64, "gpt2": 8}.get(r["model"], "–")  # NB: older rows: the defaults
         lines.append(
-            f"| {r['model']} | {r['backend']} | {r['codec']} | {r['predicted_gib']:.2f} | "
-            f"{r['measured_gib']:.2f} | {r['error']:+.1%} | {r['reserved_gib']:.2f} |"
+            f"| {r['model']} | {batch} | {r['backend']} | {r['codec']} | {r['predicted_gib']:.3f} | "
+            f"{r['measured_gib']:.3f} | {r['error']:+.1%} | "
+            f"{'–' if r.get('device') == 'cpu' else format(r['reserved_gib'], '.2f')} |"
         )
     if data.get("notes"):
         lines += ["", f"_{data['notes']}_"]
