@@ -24,6 +24,7 @@
 #   tests    tests/test_gpu.py and the CUDA cases of test_lossless.py and test_reliability.py:
 #            NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility, memory over 200 steps
 #   predict  issue 4: predicted vs measured step peak, eager backend (bench/peak.py)
+#   encoders int4 encoder candidates timed alone on ResNet-50-sized tensors (bench/encoders.py)
 #   traffic  what Triton fuses of the codecs (kernel roles and bytes) and where the time goes
 #            (ms and GB/s by role, slowest kernels), ResNet-50 batch 64, plain and int4
 #   peak     what is live at ResNet-50 int4's memory peak (batch 256), and the top kernels
@@ -35,7 +36,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-tests predict step traffic blpa gpt2 peak}
+STEPS=${STEPS:-tests predict encoders step traffic blpa gpt2 peak}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -66,6 +67,8 @@ for s in $STEPS; do
         # GPT-2 8 x 1024, none and int4 (the H100's none rows predate the boxed-call fix, 59795f1)
         predict) run_step predict 240 python3 bench/peak.py --device cuda --backends eager \
                   --out "bench/results/peak_$H.json" ;;
+        # int4 encoder formulations alone, beside a copy: which one a faster encoder should take
+        encoders) run_step encoders 180 python3 bench/encoders.py --device cuda --out "bench/results/encoders_$H.json" ;;
         peak) run_step peak 200 python3 bench/where_peak.py --model resnet50 --variant "fxcompress int4" --top 15 ;;
         # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
         tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
@@ -74,7 +77,7 @@ for s in $STEPS; do
                   --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
         gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int8" "fxcompress int4" --out "bench/results/step_$H.json" ;;
-        *) echo "[session] unknown step $s (known: tests predict step traffic blpa gpt2 peak)"; exit 2 ;;
+        *) echo "[session] unknown step $s (known: tests predict encoders step traffic blpa gpt2 peak)"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start)) s; results in $OUT/bench/results"

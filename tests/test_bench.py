@@ -3,6 +3,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 import bench_step  # noqa: E402
@@ -132,3 +133,25 @@ def test_profiled_cpu_step_attributes_every_generated_kernel():
     assert "unmatched" not in fw["ms"] and "unmatched" not in bw["ms"]
     assert any("encode" in role for role in fw["ms"]) and any("decode" in role for role in bw["ms"])
     assert all(k["ms"] > 0 and k["mib"] > 0 for k in fw["slowest"] + bw["slowest"])
+
+
+@pytest.mark.parametrize("variant", ["fxcompress", "fxcompress/det", "two-pass", "words"])
+def test_encoder_candidates_round_trip_within_a_step_and_move_their_bytes(variant):
+    """bench/encoders.py's candidates are experiments beside the library's codec: each must decode
+    within one step of x (measure() checks it before timing) and store G*4/8 bytes of codes a group."""
+    import encoders
+
+    row = encoders.measure(variant, (2, 64, 8, 8), "cpu", iters=1)
+    groups = 2 * 64 * 8 * 8 // encoders.GROUP
+    x_mib = 2 * 64 * 8 * 8 * 2 / 2**20
+    assert row["mib"] == pytest.approx(x_mib + groups * (encoders.GROUP // 2 + 8) / 2**20)
+    assert row["ms"] > 0 and row["decode_ms"] > 0
+
+
+def test_an_encoder_that_decodes_wrong_is_caught(monkeypatch):
+    import encoders
+
+    monkeypatch.setattr(encoders.TwoPass, "decode", lambda self, packed, lo, scale: self.layout.unflatten(
+        torch.zeros(self.layout.numel, dtype=self.layout.dtype)))
+    with pytest.raises(AssertionError, match="two-pass: decodes .* beyond one step"):
+        encoders.measure("two-pass", (2, 64, 8, 8), "cpu", iters=1)
