@@ -12,9 +12,9 @@ seconds of device time, so that a GPU session can choose between them before the
 - ``copy``: ``x.clone()``, the bandwidth a kernel reading and writing ``x`` gets;
 - ``fxcompress``: the library's ``GroupAffine`` encoder (stochastic rounding), as traced into steps;
 - ``fxcompress/det``: the same, rounding to nearest (what the random draw costs);
-- ``two-pass``: the group's min and max as a reduction over its 256 contiguous elements, then the
-  codes as a pointwise kernel over the bytes (reads ``x`` twice, but each kernel is Inductor's
-  simplest kind);
+- ``two-pass`` (rounding to nearest) and ``two-pass/sr`` (stochastic): the group's min and max as
+  a reduction over its 256 contiguous elements, then the codes as a pointwise kernel over the
+  bytes (reads ``x`` twice, but each kernel is Inductor's simplest kind);
 - ``words``: the codes of 8 elements in one int32 word, so a group is 32 words and its reduction
   persistent (the layout measured and reverted on 2026-12-01, kept here as the reference).
 
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from common import open_results, put_result  # noqa: E402
 from fxcompress.codecs.base import Layout  # noqa: E402
-from fxcompress.codecs.quant import GroupAffine, _dither, _groups, _slices  # noqa: E402
+from fxcompress.codecs.quant import _PHI, GroupAffine, _dither, _groups, _slices  # noqa: E402
 
 GROUP, BITS = 256, 4
 LEVELS = (1 << BITS) - 1
@@ -77,17 +77,27 @@ class Library:
 
 class TwoPass:
     """Min and max over each contiguous group of 256, then the codes: element ``i`` and ``i + 128``
-    of a group in one byte (the library's stored format), rounding to nearest."""
+    of a group in one byte (the library's stored format); rounding to nearest, or the library's
+    stochastic rounding (one draw per group spread by the golden-ratio sequence)."""
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.layout = Layout.of(x)
+    def __init__(self, x: torch.Tensor, stochastic: bool = False) -> None:
+        self.layout, self.stochastic = Layout.of(x), stochastic
 
     def encode(self, x):
         g = self.layout.flatten(x).view(-1, GROUP).float()
         lo, scale = _grid(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True))
         half = GROUP // 2
-        low, high = (_code(g[:, j * half:(j + 1) * half], lo, scale, 0.5).to(torch.uint8) for j in (0, 1))
-        return (low | (high << BITS)).reshape(-1), lo, scale
+        r = torch.rand(g.shape[0], 1, device=g.device) if self.stochastic else None
+        codes = []
+        for j in (0, 1):
+            if r is None:
+                u = 0.5
+            else:
+                i = torch.arange(j * half, (j + 1) * half, device=g.device, dtype=torch.float32)
+                u = r + i * _PHI
+                u = u - u.floor()
+            codes.append(_code(g[:, j * half:(j + 1) * half], lo, scale, u).to(torch.uint8))
+        return (codes[0] | (codes[1] << BITS)).reshape(-1), lo, scale
 
     def decode(self, packed, lo, scale):
         p = packed.view(-1, 1, GROUP // 2)
@@ -140,6 +150,7 @@ VARIANTS = {
     "fxcompress": functools.partial(Library, stochastic=True),
     "fxcompress/det": functools.partial(Library, stochastic=False),
     "two-pass": TwoPass,
+    "two-pass/sr": functools.partial(TwoPass, stochastic=True),
     "words": Words,
 }
 

@@ -135,7 +135,7 @@ def test_profiled_cpu_step_attributes_every_generated_kernel():
     assert all(k["ms"] > 0 and k["mib"] > 0 for k in fw["slowest"] + bw["slowest"])
 
 
-@pytest.mark.parametrize("variant", ["fxcompress", "fxcompress/det", "two-pass", "words"])
+@pytest.mark.parametrize("variant", ["fxcompress", "fxcompress/det", "two-pass", "two-pass/sr", "words"])
 def test_encoder_candidates_round_trip_within_a_step_and_move_their_bytes(variant):
     """bench/encoders.py's candidates are experiments beside the library's codec: each must decode
     within one step of x (measure() checks it before timing) and store G*4/8 bytes of codes a group."""
