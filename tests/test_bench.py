@@ -155,3 +155,19 @@ def test_an_encoder_that_decodes_wrong_is_caught(monkeypatch):
         torch.zeros(self.layout.numel, dtype=self.layout.dtype)))
     with pytest.raises(AssertionError, match="two-pass: decodes .* beyond one step"):
         encoders.measure("two-pass", (2, 64, 8, 8), "cpu", iters=1)
+
+
+def test_cpu_peak_is_the_most_bytes_held_at_once():
+    """bench/peak.py's CPU measurement: the allocator events summed in time order."""
+    import peak
+
+    def fn():
+        a = torch.empty(1_000_000, dtype=torch.uint8)
+        b = torch.empty(3_000_000, dtype=torch.uint8)
+        del a
+        c = torch.empty(2_000_000, dtype=torch.uint8)  # b and c: 5 MB, more than a and b
+        del b, c
+
+    kept = torch.empty(10)  # allocated before: not part of the peak
+    assert peak.cpu_peak(fn) == 5_000_000
+    del kept
