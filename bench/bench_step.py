@@ -191,12 +191,12 @@ def main() -> None:
         if result is None:
             continue
         put_result(args.out, data, "results", result, same=("model", "variant", "batch"))
-        new = Measurement(**result)
+        new = Measurement.of(result)
         print(f"[bench] {model} / {variant}: {new.items_per_s:,.0f}/s, activation {new.activation_gib:.2f} GiB, "
               f"compile {new.compile_s:.0f} s", file=sys.stderr, flush=True)
 
     print(f"\n{'model':<12} {'variant':<26} {'items/s':>10} {'x tc':>6} {'act GiB':>8} {'saved GiB':>14} {'compile s':>9}")
-    rows = [Measurement(**r) for r in data["results"]]
+    rows = [Measurement.of(r) for r in data["results"]]
     base = {r.model: r for r in rows if r.variant == "torch.compile"}
     for r in rows:
         rel = r.items_per_s / base[r.model].items_per_s if r.model in base else float("nan")

@@ -50,7 +50,8 @@ def compress_config(spec: str, ara_stride: int | tuple[int, ...] = 2,
     """The ``CompressConfig`` a benchmark variant names: a codec (``int4``), or a learning rule
     with an optional codec for what it leaves: ``ara``, ``ara+int4``, ``asa`` (layers fed by an
     activation), ``asaN`` (the paper's level N, from ``asa_layers``), ``asa2+int8``; a codec with
-    ``/det`` rounds to nearest (``int4/det``, ``stochastic_rounding=False``), as the report names it.
+    ``/det`` rounds to nearest (``int4/det``, ``stochastic_rounding=False``), as the report names it;
+    with ``/triton`` its encoders are one Triton kernel each (``int4/triton``, ``encoders="triton"``).
     """
     import re
 
@@ -67,10 +68,12 @@ def compress_config(spec: str, ara_stride: int | tuple[int, ...] = 2,
         return fxcompress.CompressConfig(codec=codec or "lossless", learning_rule="asa", asa_layers=layers)
     if codec:
         raise SystemExit(f"{spec!r} is not accepted: only 'ara' and 'asa[N]' take '+CODEC'")
-    rule, det, rest = rule.partition("/")
-    if det and rest != "det":
-        raise SystemExit(f"{spec!r} is not accepted: the only suffix is '/det' (round to nearest)")
-    return fxcompress.CompressConfig(codec=rule, stochastic_rounding=not det)
+    rule, *flags = rule.split("/")
+    if set(flags) - {"det", "triton"}:
+        raise SystemExit(f"{spec!r} is not accepted: the suffixes are '/det' (round to nearest) "
+                         f"and '/triton' (encoders='triton')")
+    return fxcompress.CompressConfig(codec=rule, stochastic_rounding="det" not in flags,
+                                     encoders="triton" if "triton" in flags else "aten")
 
 
 def _children(seq: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -171,6 +174,12 @@ class Measurement:
     blocks_saved_gib_before: float | None = None  # the part saved inside the repeated blocks
     blocks_saved_gib_after: float | None = None
     notes: str = ""
+
+    @classmethod
+    def of(cls, row: dict) -> "Measurement":
+        """A results row as a Measurement; the row's other keys (``commit``, ...) are left out."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
 
 
 def measure(model_name: str, variant: str, wrap: Callable[[Workload], nn.Module], device: str,

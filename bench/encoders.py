@@ -12,6 +12,8 @@ seconds of device time, so that a GPU session can choose between them before the
 - ``copy``: ``x.clone()``, the bandwidth a kernel reading and writing ``x`` gets;
 - ``fxcompress``: the library's ``GroupAffine`` encoder (stochastic rounding), as traced into steps;
 - ``fxcompress/det``: the same, rounding to nearest (what the random draw costs);
+- ``triton`` and ``triton/det``: the same encoder as one hand-written Triton kernel
+  (``CompressConfig(encoders="triton")``, ``fxcompress/codecs/kernels.py``), on the CPU its aten code;
 - ``two-pass`` (rounding to nearest) and ``two-pass/sr`` (stochastic): the group's min and max as
   a reduction over its 256 contiguous elements, then the codes as a pointwise kernel over the
   bytes (reads ``x`` twice, but each kernel is Inductor's simplest kind);
@@ -65,8 +67,8 @@ def _value(code: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.T
 class Library:
     """The library's encoder and decoder."""
 
-    def __init__(self, x: torch.Tensor, stochastic: bool) -> None:
-        self.codec = GroupAffine(Layout.of(x), BITS, GROUP, stochastic)
+    def __init__(self, x: torch.Tensor, stochastic: bool, kernel: bool = False) -> None:
+        self.codec = GroupAffine(Layout.of(x), BITS, GROUP, stochastic, kernel)
 
     def encode(self, x):
         return self.codec.encode(x)
@@ -122,7 +124,8 @@ class Words:
         hi = functools.reduce(torch.maximum, slices).amax(-2, keepdim=True)
         lo, scale = _grid(lo, hi)
         packed = None
-        for j, (s, u) in enumerate(zip(slices, _dither(g))):
+        r = torch.rand(g.shape[0], 1, 1, device=g.device)
+        for j, (s, u) in enumerate(zip(slices, _dither(g, r))):
             code = _code(s, lo, scale, u).to(torch.int32) << (BITS * j)
             packed = code if packed is None else packed | code
         return packed.reshape(-1), lo, scale
@@ -149,6 +152,8 @@ VARIANTS = {
     "copy": Copy,
     "fxcompress": functools.partial(Library, stochastic=True),
     "fxcompress/det": functools.partial(Library, stochastic=False),
+    "triton": functools.partial(Library, stochastic=True, kernel=True),
+    "triton/det": functools.partial(Library, stochastic=False, kernel=True),
     "two-pass": TwoPass,
     "two-pass/sr": functools.partial(TwoPass, stochastic=True),
     "words": Words,

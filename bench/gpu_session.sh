@@ -11,7 +11,8 @@
 #
 # FXCOMPRESS_COMMIT names the commit in the results' rows (the device's copy of the tree has no
 # .git); BUDGET_<step> overrides a step's budget; TESTS_K narrows the tests step's -k expression;
-# TRAFFIC_VARIANTS replaces "plain int4" (plain's kernels do not change with fxcompress's code).
+# TRAFFIC_VARIANTS replaces "int4/triton" (plain's and int4's rows at f220ec4 stay in the file:
+# plain's kernels do not change with fxcompress's code).
 #
 # A call of 570 s left 329 s of a 15-minute budget on 2026-11-30 (the start took about a
 # minute): a second call made at once, on the still-warm machine (it waits 30 s), can run
@@ -24,11 +25,13 @@
 #   tests    tests/test_gpu.py and the CUDA cases of test_lossless.py and test_reliability.py:
 #            NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility, memory over 200 steps
 #   predict  issue 4: predicted vs measured step peak, eager backend (bench/peak.py)
-#   encoders int4 encoder candidates timed alone on ResNet-50-sized tensors (bench/encoders.py)
+#   encoders int4 encoders timed alone on ResNet-50-sized tensors, aten (as Inductor compiles it)
+#            against encoders="triton"'s kernel, beside a copy (bench/encoders.py)
 #   traffic  what Triton fuses of the codecs (kernel roles and bytes) and where the time goes
 #            (ms and GB/s by role, slowest kernels), ResNet-50 batch 64, plain and int4
 #   peak     what is live at ResNet-50 int4's memory peak (batch 256), and the top kernels
-#   step     issue 3's targets: ResNet-50 batch 256 bf16, torch.compile vs fxcompress int4/int2
+#   step     issue 3's targets: ResNet-50 batch 256 bf16, torch.compile vs fxcompress int4, and
+#            int4 and int2 with encoders="triton" (int2 with aten encoders: 0.72x at 724dc3b)
 #   blpa     ResNet-50 blpa4 and int8 beside the rows of `step` (issue 3's table)
 #   gpt2     GPT-2 small 16 x 1024: torch.compile vs lossless/int8/int4 (issues 2 and 6)
 set -uo pipefail
@@ -36,7 +39,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-tests predict encoders step traffic blpa gpt2 peak}
+STEPS=${STEPS:-step tests encoders predict traffic blpa gpt2 peak}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -59,16 +62,19 @@ for s in $STEPS; do
     case $s in
         # compile times on an H200 (2026-11-30): torch.compile 33 s, int4 111 s, int2 131 s; the step ran 345 s
         step) run_step step 420 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
-                  --variants torch.compile "fxcompress int4" "fxcompress int2" --out "bench/results/step_$H.json" ;;
+                  --variants torch.compile "fxcompress int4" "fxcompress int4/triton" "fxcompress int2/triton" \
+                  --out "bench/results/step_$H.json" ;;
         # 177 s for plain and int4 on an H200 (2026-11-30), before --time
         traffic) run_step traffic 240 python3 bench/traffic.py --device cuda --models resnet50 --batch 64 \
-                  --variants ${TRAFFIC_VARIANTS:-plain int4} --time 5 --out "bench/results/traffic_$H.json" ;;
+                  --variants ${TRAFFIC_VARIANTS:-int4/triton} --time 5 --out "bench/results/traffic_$H.json" ;;
         # issue 4: the plan's peak against max_memory_allocated, eager backend, ResNet-50 b64 and
         # GPT-2 8 x 1024, none and int4 (the H100's none rows predate the boxed-call fix, 59795f1)
         predict) run_step predict 240 python3 bench/peak.py --device cuda --backends eager \
                   --out "bench/results/peak_$H.json" ;;
-        # int4 encoder formulations alone, beside a copy: which one a faster encoder should take
-        encoders) run_step encoders 180 python3 bench/encoders.py --device cuda --out "bench/results/encoders_$H.json" ;;
+        # the int4 encoder alone, aten against the Triton kernel, beside a copy (the other
+        # formulations of bench/encoders.py are there to run by hand)
+        encoders) run_step encoders 180 python3 bench/encoders.py --device cuda --variants copy fxcompress triton \
+                  triton/det --out "bench/results/encoders_$H.json" ;;
         peak) run_step peak 200 python3 bench/where_peak.py --model resnet50 --variant "fxcompress int4" --top 15 ;;
         # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
         tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \

@@ -55,6 +55,8 @@ from common import GiB, build, compress_config, open_results, put_result  # noqa
 from fxcompress.ir import META_KEY  # noqa: E402
 
 PIN = torch.ops.prims.inductor_force_stride_order.default  # fxcompress's layout pin (passes/rewrite.py)
+ENCODE_OP = torch.ops.fxcompress.affine_encode.default  # encoders="triton": one extern call per encoder ...
+ENCODE_KERNEL = "affine_encode_kernel"  # ... that runs this Triton kernel (fxcompress/codecs/_triton_encode.py)
 
 
 def graph_roles(graph) -> dict:
@@ -181,7 +183,7 @@ def _timing(times: collections.Counter, kernels: dict, cuda: bool, steps: int, t
             roles, nbytes = kernels[key]
             role = _join(roles)
             slow.append({"kernel": key, "role": role, "ms": ms, "mib": nbytes / 2**20, "gb_s": nbytes / ms / 1e6})
-        elif key.startswith(("triton_", "cpp_")):
+        elif key.startswith(("triton_", "cpp_", ENCODE_KERNEL)):
             role, nbytes = "unmatched", 0
         elif cuda:
             role, nbytes = "extern", 0
@@ -228,6 +230,8 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
             by_role[role][0] += 1
             by_role[role][1] += nbytes
             name = next((names[p.get_name()] for p in snode.get_nodes() if p.get_name() in names), None)
+            if getattr(snode.node, "op_overload", None) is ENCODE_OP:  # an extern call: the kernel has its own name
+                name = ENCODE_KERNEL
             if name is not None:
                 kernels[name][0].add(role)
                 kernels[name][1] += nbytes

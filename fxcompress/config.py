@@ -69,6 +69,7 @@ LOSSY_BITS = {Codec.INT8: 8, Codec.INT4: 4, Codec.INT2: 2}
 BLPA_BITS = {Codec.BLPA8: 8, Codec.BLPA4: 4}
 PER_GROUP_CODECS = (Codec.INT8, Codec.INT4, Codec.INT2, Codec.FP8)
 FP8_FORMATS = ("e4m3", "e5m2")
+ENCODERS = ("aten", "triton")
 IMPLEMENTED_RULES = frozenset({LearningRule.BACKPROP, LearningRule.ARA, LearningRule.ASA})
 
 
@@ -105,6 +106,13 @@ class CompressConfig:
         stochastic_rounding: unbiased stochastic rounding for the integer
             codecs (default ``True``); ``False`` rounds to nearest.
             Reproducible under ``torch.manual_seed``.
+        encoders: how the integer codecs' encoders run. ``"aten"`` (default):
+            as aten ops spliced into the forward graph, which Inductor fuses
+            and generates code for like any other. ``"triton"``: each one
+            ``fxcompress.affine_encode`` op, one hand-written Triton kernel on
+            CUDA (the same codes, in one pass over the tensor, and nothing
+            for Inductor to compile; see ``fxcompress/codecs/kernels.py``);
+            on other devices the op runs the aten code.
         fp8_format: ``"e4m3"`` (default, more precision) or ``"e5m2"`` (more range).
         blpa_fallback: with ``blpa8``/``blpa4``, the per-group codec for saved
             tensors that do not feed a batch-norm (``"none"``, the paper's
@@ -138,6 +146,7 @@ class CompressConfig:
     group_size: int = 256
     stochastic_rounding: bool = True
     fp8_format: str = "e4m3"
+    encoders: str = "aten"
     blpa_fallback: Codec | str = Codec.NONE
     ara_stride: int | tuple[int, ...] = 2
     asa_epsilon: float = 0.01
@@ -173,6 +182,10 @@ class CompressConfig:
             raise ConfigError(
                 f"fp8_format={self.fp8_format!r} is not accepted; use one of "
                 + ", ".join(repr(f) for f in FP8_FORMATS)
+            )
+        if self.encoders not in ENCODERS:
+            raise ConfigError(
+                f"encoders={self.encoders!r} is not accepted; use one of " + ", ".join(repr(e) for e in ENCODERS)
             )
         stride = self.ara_stride
         if isinstance(stride, list):

@@ -26,6 +26,8 @@ def test_specs_name_codecs_and_learning_rules():
     assert compress_config("int4").stochastic_rounding and not compress_config("int4/det").stochastic_rounding
     with pytest.raises(SystemExit, match="'/det'"):
         compress_config("int4/nearest")
+    both = compress_config("int4/det/triton")
+    assert both.encoders == "triton" and not both.stochastic_rounding and compress_config("int4").encoders == "aten"
 
 
 def test_variant_sets_expand_and_bad_names_stop_before_any_run():
@@ -171,3 +173,15 @@ def test_cpu_peak_is_the_most_bytes_held_at_once():
     kept = torch.empty(10)  # allocated before: not part of the peak
     assert peak.cpu_peak(fn) == 5_000_000
     del kept
+
+
+def test_a_results_row_with_its_commit_reads_back_as_a_measurement(monkeypatch):
+    from common import Measurement, open_results, put_result
+
+    monkeypatch.setenv("FXCOMPRESS_COMMIT", "abc1234")
+    data = open_results(None, "results", "cpu", "bench/bench_step.py")
+    row = {"model": "resnet", "variant": "torch.compile", "batch": 2, "items_per_s": 10.0, "step_ms": 1.0,
+           "compile_s": 1.0, "steady_gib": 0.1, "peak_gib": 0.2, "activation_gib": 0.1, "reserved_gib": 0.3}
+    put_result(None, data, "results", row, same=("model", "variant", "batch"))
+    assert data["results"][0]["commit"] == "abc1234"
+    assert Measurement.of(data["results"][0]) == Measurement(**row)

@@ -1,5 +1,6 @@
 """What only a CUDA machine can show: NCCL under DDP and FSDP2 with int4, reproducible
-stochastic rounding, ReLU6's mask under CUDA's NaN rule (the lossless bit-identity and
+stochastic rounding, ReLU6's mask under CUDA's NaN rule, the compiled Triton encoder
+(``encoders="triton"``) against the aten one (the lossless bit-identity and
 leak checks have a CUDA case beside their CPU one, in test_lossless.py and test_reliability.py).
 
 CI has no GPU, so these are skipped there; on the GPU machine run them with
@@ -109,3 +110,38 @@ def test_relu6_mask_follows_the_devices_nan_rule():
     got = train_step(_ReLU6Layer().cuda(), x, compressed("lossless"))
     assert "mask" in str(fxcompress.explain(got.module))
     torch.testing.assert_close(got.grads["w"], ref.grads["w"], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("clamp", [None, 0.0])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_triton_encoder_matches_the_aten_encoder_on_the_gpu(bits, clamp):
+    from fxcompress.codecs import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, 56, 56, device="cuda").to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = x if clamp is None else x.relu()
+    flat = x.permute(0, 2, 3, 1).reshape(-1)
+    r = torch.rand(flat.numel() // 256, device="cuda")
+    packed, lo, scale = kernels.launch_encode(kernels.encode_kernel(), flat, r, bits, 256, clamp)
+    ref_packed, ref_lo, ref_scale = kernels._reference(flat, r, bits, 256, clamp)
+    # NB: the kernel is launched without fused multiply-adds and divides correctly rounded,
+    # as the aten ops (one kernel each) compute: the same bytes (fxcompress/codecs/kernels.py)
+    assert torch.equal(lo, ref_lo) and torch.equal(scale, ref_scale)
+    assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} of {packed.numel()} bytes differ"
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_gpu_step_with_triton_encoders_stays_close_and_reproducible(backend):
+    model, x = _on_gpu("resnet")
+    aten = train_step(model, x, compressed("int4", backend))
+    torch._dynamo.reset()
+    first = train_step(model, x, compressed("int4", backend, encoders="triton"))
+    torch._dynamo.reset()
+    second = train_step(model, x, compressed("int4", backend, encoders="triton"))
+    assert_grads_equal(first.grads, second.grads)
+    if backend == "eager":  # the same draws and the same bytes (above): the same step
+        assert_grads_equal(first.grads, aten.grads)
+    assert _cosine(first.grads, aten.grads) > 0.99
+    kernels = [n for c in first.module.capture_log.captures() for n in c.rewritten.fw.graph.nodes
+               if n.target is torch.ops.fxcompress.affine_encode.default]
+    assert kernels

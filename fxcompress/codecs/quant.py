@@ -131,11 +131,10 @@ def _poison_nonfinite(param: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 _PHI = (math.sqrt(5) - 1) / 2  # frac of the golden ratio: i * phi mod 1 spreads evenly over [0, 1)
 
 
-def _dither(g: torch.Tensor) -> list[torch.Tensor]:
+def _dither(g: torch.Tensor, r: torch.Tensor) -> list[torch.Tensor]:
     """Stochastic rounding's ``u`` for :func:`_groups`' groups, per code slice (:func:`_slices`):
-    ``frac(r + i * phi)``, one draw ``r`` per group, ``i`` the element's place in its group."""
+    ``frac(r + i * phi)``, ``r`` the group's draw (:meth:`GroupAffine._draw`), ``i`` the element's place in its group."""
     n_groups, n_bytes, per_byte = g.shape
-    r = torch.rand(n_groups, 1, 1, device=g.device)
     dither = []
     for j in range(per_byte):  # NB: slice j holds the group's elements j * n_bytes ... (j + 1) * n_bytes - 1
         # NB: per slice, never a tensor with one element per code (see _group_min)
@@ -151,6 +150,7 @@ class GroupAffine(Codec):
     bits: int
     group: int
     stochastic: bool
+    kernel: bool = False  # encode through one fxcompress.affine_encode kernel (codecs/kernels.py), not aten ops
 
     lossless = False
 
@@ -167,23 +167,35 @@ class GroupAffine(Codec):
         return 8 // self.bits
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.kernel:
+            return _kernel_encode(self, x, None)
+        return self._encode(x, self._draw(x))
+
+    def _encode(self, x: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The aten code of :meth:`encode`, with the dither's draws ``r`` (``None`` when rounding to nearest)."""
         g = _groups(self.layout, x, self.group, per_byte=self.per_byte)
-        lo, hi, scale, codes = self._codes(g)
+        lo, hi, scale, codes = self._codes(g, r)
         return self._pack(codes), _poison_nonfinite(lo, scale), scale
+
+    def _draw(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Stochastic rounding's one uniform draw per group, as ``(n_groups, 1, 1)``; ``None`` when rounding to nearest."""
+        if not self.stochastic:
+            return None
+        return torch.rand(-(-self.layout.numel // self.group), 1, 1, device=x.device)
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, self._values(self._unpack(packed, lo), lo, scale))
 
-    def _codes(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def _codes(self, g: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Per group ``lo``, ``hi``, ``scale``, and the codes of ``g`` as float, before clamping, per code slice."""
         lo, hi = _group_min(g), _group_max(g)
         scale = self._scale(lo, hi)
-        return lo, hi, scale, self._round(g, lo, scale)
+        return lo, hi, scale, self._round(g, lo, scale, r)
 
-    def _round(self, g: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
+    def _round(self, g: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, r: torch.Tensor | None) -> list[torch.Tensor]:
         """``floor((x - lo) / scale + u)`` per code slice of ``g`` (:func:`_slices`): float codes, before clamping."""
         grid = self._grid_of(lo, scale)  # NB: once per encoder, not once per code slice
-        return [(self._steps(x, grid) + u).floor() for x, u in zip(_slices(g), self._rounding(g))]
+        return [(self._steps(x, grid) + u).floor() for x, u in zip(_slices(g), self._rounding(g, r))]
 
     @staticmethod
     def _grid_of(lo: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,9 +231,9 @@ class GroupAffine(Codec):
         half_range = hi * 0.5 - lo * 0.5
         return (half_range * (2.0 / (steps or self.levels))).clamp_min(_MIN_SCALE)
 
-    def _rounding(self, g: torch.Tensor) -> list[torch.Tensor] | list[float]:
-        """The ``u`` added before ``floor``, per code slice: the dither, or 1/2 for rounding to nearest."""
-        return _dither(g) if self.stochastic else [0.5] * g.shape[-1]
+    def _rounding(self, g: torch.Tensor, r: torch.Tensor | None) -> list[torch.Tensor] | list[float]:
+        """The ``u`` added before ``floor``, per code slice: the dither of the draws ``r``, or 1/2 for rounding to nearest."""
+        return _dither(g, r) if r is not None else [0.5] * g.shape[-1]
 
     def _bound(self, scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """One step (stochastic) or half a step (nearest) of ``scale``, plus fp32 rounding in the code arithmetic."""
@@ -238,6 +250,15 @@ class GroupAffine(Codec):
         g = _groups(self.layout, x, self.group, per_byte=self.per_byte)
         scale = self._scale(_group_min(g), _group_max(g))
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), self._bound(scale, g))
+
+
+def _kernel_encode(codec: GroupAffine, x: torch.Tensor, clamp: float | None) -> tuple[torch.Tensor, ...]:
+    """``codec``'s encoding (``clamp``: :class:`ClampedAffine`'s ``c``) as one ``fxcompress.affine_encode`` node."""
+    from . import kernels  # noqa: F401  (registers the op)
+
+    r = codec._draw(x)
+    return torch.ops.fxcompress.affine_encode(
+        codec.layout.flatten(x), None if r is None else r.view(-1), codec.bits, codec.group, clamp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +377,7 @@ class SplitAffine(Codec):
         inner = self.inner
         # NB: in x's own dtype, so that the predicate is read as the op reads it
         raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
-        lo, hi, scale, codes = inner._codes(raw.float())
+        lo, hi, scale, codes = inner._codes(raw.float(), inner._draw(x))
         split = inner._steps(torch.full_like(lo, self.predicate.consts[0]), inner._grid_of(lo, scale)).floor()
         split = split.clamp(-1, inner.levels - 1)
         codes = [torch.where(self._swap(self.predicate(r)), torch.minimum(c, split), torch.maximum(c, split + 1))
@@ -429,12 +450,18 @@ class ClampedAffine(Codec):
         return self.inner.levels - 1
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.inner.kernel:
+            return _kernel_encode(self.inner, x, self.predicate.consts[0])
+        return self._encode(x, self.inner._draw(x))
+
+    def _encode(self, x: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The aten code of :meth:`encode`, with the dither's draws ``r`` (``None`` when rounding to nearest)."""
         inner = self.inner
         # NB: in x's own dtype, so that the predicate is read as the op reads it
         raw = _groups(inner.layout, x, inner.group, dtype=None, per_byte=inner.per_byte)
         g, clamped = raw.float(), self.predicate(raw)
         lo, hi, scale = self._grid(g, clamped)
-        codes = inner._round(g, lo, scale)
+        codes = inner._round(g, lo, scale, r)
         # A non-finite group decodes to NaN (``lo``) as a whole: no element gets code 0 (NaN codes would).
         # NB: "finite" read off the NaN of the stored ``lo``: two ops per element where four isfinite tests are a dozen.
         lo = _poison_nonfinite(lo, scale)

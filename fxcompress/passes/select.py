@@ -49,11 +49,13 @@ import torch.fx as fx
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
 from ..codecs.blpa import BLPA, BLPARelu
+from ..codecs.kernels import triton_available
 from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from ..codecs.uses import (VIEW_OPS, ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of,
                            view_root)
 from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig
 from ..config import Codec as CodecName
+from ..errors import UnsupportedError
 from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
 
 __all__ = ["plan_codecs"]
@@ -290,12 +292,12 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
         return Decision(None, f"values read by {ops}; {saved.dtype} is not quantized")
     need = max((u.min_bits for u in uses if isinstance(u, ValuesUse)), default=0)
     if need and (codec is CodecName.FP8 or LOSSY_BITS[codec] < need):
-        inner = GroupAffine(layout, need, config.group_size, config.stochastic_rounding)
+        inner = _group_affine(layout, need, config)
         ops = f"{ops} (at least {need}-bit codes there)"
     elif codec is CodecName.FP8:
         inner = GroupFP8(layout, config.fp8_format, config.group_size)
     else:
-        inner = GroupAffine(layout, LOSSY_BITS[codec], config.group_size, config.stochastic_rounding)
+        inner = _group_affine(layout, LOSSY_BITS[codec], config)
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
     if len(predicates) == 1:
         (predicate,) = predicates
@@ -310,6 +312,16 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
             return Decision(SplitAffine(inner, predicate, near), f"values read by {ops}; {predicate} kept exact by the codes")
         return Decision(MaskedLossy(inner, predicate, near), f"values read by {ops}; {predicate} kept exact")
     return Decision(inner, f"values read by {ops}")
+
+
+def _group_affine(layout: Layout, bits: int, config: CompressConfig) -> GroupAffine:
+    """The per-group integer codec of ``config``, its encoder one kernel where ``config.encoders`` says so."""
+    kernel = config.encoders == "triton"
+    if kernel and layout.device.type == "cuda" and not triton_available():
+        raise UnsupportedError(
+            "encoders='triton' needs Triton for CUDA tensors, and it cannot be imported (it comes with CUDA "
+            "builds of PyTorch, or `pip install triton`); use encoders='aten'")
+    return GroupAffine(layout, bits, config.group_size, config.stochastic_rounding, kernel)
 
 
 def _clamp_predicate(node: fx.Node) -> Predicate | None:

@@ -1,0 +1,198 @@
+"""``encoders="triton"``: the one-kernel encoder computes what the aten encoder computes.
+
+The Triton kernel runs here in Triton's interpreter (``TRITON_INTERPRET=1``, CPU
+tensors, numpy arithmetic: no fused multiply-adds), where it must match the aten
+code bit for bit (``test_gpu.py`` checks the same on CUDA, where it is launched without
+fused multiply-adds). The op around it runs the aten code on the CPU, so whole steps
+compare exactly on the eager backend.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.codecs import Layout, kernels
+from fxcompress.codecs.quant import ClampedAffine, GroupAffine, SplitAffine
+from fxcompress.codecs.uses import Predicate
+from fxcompress.passes import select
+from conftest import assert_grads_close, assert_grads_equal, compressed, make_model, train_step
+
+ENCODE = torch.ops.fxcompress.affine_encode.default
+
+
+def _input(n, dtype, clamp, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(n) * 3 + 0.5
+    if clamp is not None:
+        x = x.clamp_min(clamp)
+    return x.to(dtype)
+
+
+CASES = [  # (dtype, bits, group, clamp, stochastic): every bit width, both codecs and roundings, odd groups
+    (torch.bfloat16, 4, 256, None, True),
+    (torch.bfloat16, 4, 256, 0.0, True),
+    (torch.bfloat16, 2, 256, 0.0, False),
+    (torch.float16, 2, 72, None, True),
+    (torch.float32, 8, 256, None, False),
+    (torch.float32, 8, 264, 0.0, True),
+    (torch.float16, 4, 40, 0.5, False),
+    (torch.bfloat16, 8, 8, None, True),
+]
+NONFINITE_GROUP, NONFINITE_GROUPS = 64, 6
+
+
+def _nonfinite_input(clamp):
+    """Groups 0-2 hold a NaN, an inf and a -inf (a clamp's output: an inf); group 3 a huge finite value."""
+    g = NONFINITE_GROUP
+    x = _input(NONFINITE_GROUPS * g, torch.float32, clamp)
+    x[3], x[g + 5], x[2 * g + 7], x[3 * g] = math.nan, math.inf, -math.inf if clamp is None else math.inf, 1e38
+    return x
+
+
+def _interpret_cases(path: str) -> None:
+    """Run in a process started with ``TRITON_INTERPRET=1``: the kernel's and the aten code's
+    encodings of every case, saved to ``path``."""
+    kernel = kernels.encode_kernel()
+    out = {}
+    for case in CASES:
+        dtype, bits, group, clamp, stochastic = case
+        n = 37 * group + 11  # NB: the last group is padded
+        x = _input(n, dtype, clamp)
+        r = torch.rand(-(-n // group)) if stochastic else None
+        out[str(case)] = (kernels.launch_encode(kernel, x, r, bits, group, clamp),
+                          kernels._reference(x, r, bits, group, clamp))
+    for clamp in (None, 0.0):
+        x, r = _nonfinite_input(clamp), torch.rand(NONFINITE_GROUPS)
+        out[f"nonfinite {clamp}"] = (kernels.launch_encode(kernel, x, r, 4, NONFINITE_GROUP, clamp),
+                                     kernels._reference(x, r, 4, NONFINITE_GROUP, clamp))
+    torch.save(out, path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """``{case: (kernel's encoding, aten code's encoding)}``, the kernel run by Triton's interpreter.
+
+    NB: in a process of its own: ``TRITON_INTERPRET=1`` must be set before Triton is first
+    imported (its own library functions are made interpretable then), and Inductor imports it.
+    """
+    pytest.importorskip("triton", reason="the test extra installs Triton (its interpreter runs kernels on the CPU)")
+    path = tmp_path_factory.mktemp("kernels") / "encodings.pt"
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_kernels; test_kernels._interpret_cases({str(path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_the_aten_encoder_bit_for_bit(interpreted, case):
+    got, want = interpreted[str(case)]
+    for name, a, b in zip(("codes", "lo", "scale"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} of {a.numel()} differ"
+
+
+@pytest.mark.parametrize("clamp", [None, 0.0])
+def test_kernel_poisons_groups_with_nan_or_inf_as_the_aten_encoder_does(interpreted, clamp):
+    (packed, lo, scale), (ref_packed, ref_lo, ref_scale) = interpreted[f"nonfinite {clamp}"]
+    lo, ref_lo, scale, ref_scale = lo.view(-1), ref_lo.view(-1), scale.view(-1), ref_scale.view(-1)
+    assert lo[:3].isnan().all() and torch.equal(lo.isnan(), ref_lo.isnan())  # the three non-finite groups
+    finite = ~ref_lo.isnan()
+    assert torch.equal(lo[finite], ref_lo[finite])
+    assert torch.equal(scale.nan_to_num(7.0, 7.0, 7.0), ref_scale.nan_to_num(7.0, 7.0, 7.0))
+    rows = packed.view(NONFINITE_GROUPS, -1)
+    assert torch.equal(rows[finite], ref_packed.view(NONFINITE_GROUPS, -1)[finite])
+    x = _nonfinite_input(clamp)
+    codec = GroupAffine(Layout.of(x), 4, NONFINITE_GROUP, True)
+    if clamp is not None:
+        relu = Predicate("le", (clamp,))
+        codec = ClampedAffine(codec, relu, relu.near_values(x.dtype))
+    y = codec.decode(packed, lo.view(-1, 1, 1), scale.view(-1, 1, 1)).view(NONFINITE_GROUPS, -1)
+    assert y[:3].isnan().all() and y[3:].isfinite().all()
+
+
+@pytest.mark.parametrize("clamp", [None, 0.0])
+def test_the_op_is_the_codec_encoder_and_its_fake_has_the_real_shapes(clamp):
+    x = _input(1000, torch.bfloat16, clamp)
+    r = torch.rand(4)
+    torch.library.opcheck(ENCODE, (x, r, 4, 256, clamp))
+    torch.library.opcheck(ENCODE, (x, None, 2, 256, clamp))
+    codec = GroupAffine(Layout.of(x), 4, 256, True)
+    if clamp is not None:
+        relu = Predicate("le", (clamp,))
+        codec = ClampedAffine(codec, relu, relu.near_values(x.dtype))
+    torch.manual_seed(3)
+    want = codec.encode(x)
+    torch.manual_seed(3)
+    got = kernel_codec(codec).encode(x)
+    for a, b in zip(got, want):
+        assert torch.equal(a.reshape(b.shape), b)
+
+
+def kernel_codec(codec):
+    import dataclasses
+
+    if isinstance(codec, GroupAffine):
+        return dataclasses.replace(codec, kernel=True)
+    return dataclasses.replace(codec, inner=dataclasses.replace(codec.inner, kernel=True))
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer"])
+def test_a_step_with_kernel_encoders_equals_the_aten_one(name):
+    model, x = make_model(name)
+    want = train_step(model, x, compressed("int4"))
+    model, x = make_model(name)
+    got = train_step(model, x, compressed("int4", encoders="triton"))
+    assert torch.equal(got.output, want.output)
+    assert_grads_equal(got.grads, want.grads)
+    captures = got.module.capture_log.captures()
+    encoders = [n for c in captures for n in c.rewritten.fw.graph.nodes if n.target is ENCODE]
+    codecs = [getattr(d.codec, "inner", d.codec) for c in captures for d in c.plan.decisions
+              if not isinstance(d.codec, SplitAffine)]  # NB: its encoder stays aten code
+    assert encoders and len(encoders) == sum(isinstance(c, GroupAffine) and c.kernel for c in codecs)
+
+
+def test_a_step_with_kernel_encoders_under_inductor():
+    model, x = make_model("convnet")
+    want = train_step(model, x, compressed("int4", "inductor"))
+    model, x = make_model("convnet")
+    got = train_step(model, x, compressed("int4", "inductor", encoders="triton"))
+    assert_grads_close(got.grads, want.grads)
+
+
+def test_encoders_is_checked(monkeypatch):
+    with pytest.raises(fxcompress.ConfigError, match="'aten', 'triton'"):
+        fxcompress.CompressConfig(codec="int4", encoders="cuda")
+    monkeypatch.setattr(select, "triton_available", lambda: False)
+    cuda = Layout((4, 256), (256, 1), torch.float32, torch.device("cuda"))
+    with pytest.raises(fxcompress.UnsupportedError, match="needs Triton"):
+        select._group_affine(cuda, 4, fxcompress.CompressConfig(codec="int4", encoders="triton"))
+    assert not select._group_affine(cuda, 4, fxcompress.CompressConfig(codec="int4")).kernel
+
+
+@pytest.mark.parametrize("bits,clamp", [(4, None), (2, 0.0), (8, None)])
+def test_the_kernel_compiles_for_a_gpu_to_vector_loads_and_exact_arithmetic(bits, clamp):
+    """Compiled for an sm_90 GPU (Triton needs no GPU to compile): bf16 read 16 bytes at a time,
+    a correctly rounded division and no fused multiply-adds (what makes it the aten code's bytes)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fxcompress.codecs._triton_encode import affine_encode_kernel
+
+    blocks, constants = kernels._launch_constants(100_000, bits, 256, clamp, torch.bfloat16, True)
+    signature = {"x_ptr": "*bf16", "r_ptr": "*fp32", "packed_ptr": "*u8", "lo_ptr": "*fp32", "scale_ptr": "*fp32",
+                 "n": "i32", "n_groups": "i32", **{name: "constexpr" for name in constants}}
+    names = list(signature)
+    source = ASTSource(fn=affine_encode_kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})  # as Triton specializes them
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=kernels._NO_FMA).asm["ptx"]
+    assert "ld.global.v4.b32" in ptx  # 8 bf16 per load
+    assert ptx.count("ld.global.b16") <= 1  # only the last element, the padding's value
+    assert "div.rn.f32" in ptx and "div.full" not in ptx and "fma." not in ptx
