@@ -168,6 +168,9 @@ def _saved(path: pathlib.Path, data: dict) -> str:
     return "\n".join(lines)
 
 
+_FIRST = "first_step_s"  # traffic rows since 2026-12-01: the compiling step's wall time
+
+
 def _traffic(path: pathlib.Path, data: dict) -> str:
     triton = any(r.get("codegen") == "triton" for r in data["traffic"])
     what = ("the Triton kernels Inductor generates for the step (for the CPU device, generated but not run: "
@@ -179,13 +182,14 @@ def _traffic(path: pathlib.Path, data: dict) -> str:
         "fused into the model's kernels:",
         "",
         "| model | batch | variant | kernels fw / bw | MiB moved fw / bw | × plain | encode kernels (MiB) "
-        "| +encode | decode kernels (MiB) | +decode |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| +encode | decode kernels (MiB) | +decode | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     steps: dict[tuple, list[dict]] = {}
     for r in data["traffic"]:
         steps.setdefault((r["model"], r["batch"], r["variant"]), []).append(r)
     plain = {(m, b): sum(r["gib"] for r in rs) for (m, b, v), rs in steps.items() if v == "plain"}
+    marked = False
     for (model, batch, variant), rs in steps.items():
         fw = [r for r in rs if r["pass"] == "forward"]
         bw = [r for r in rs if r["pass"] == "backward"]
@@ -201,12 +205,19 @@ def _traffic(path: pathlib.Path, data: dict) -> str:
 
         base = plain.get((model, batch))
         ratio = f"{total(rs, 'gib') / base:.2f}" if base else "–"
+        mark = "" if any(_FIRST in r for r in rs) else " †"
+        marked = marked or bool(mark)
         lines.append(
-            f"| {model} | {batch} | {variant} | {total(fw, 'kernels')} / {total(bw, 'kernels')} | "
+            f"| {model} | {batch} | {variant} | {total(fw, 'kernels')} / {total(bw, 'kernels')}{mark} | "
             f"{total(fw, 'gib') * 1024:.1f} / {total(bw, 'gib') * 1024:.1f} | {ratio} | "
             f"{role('encode', 'kernels')} ({role('encode', 'gib') * 1024:.1f}) | {fused('encode')} | "
-            f"{role('decode', 'kernels')} ({role('decode', 'gib') * 1024:.1f}) | {fused('decode')} |"
+            f"{role('decode', 'kernels')} ({role('decode', 'gib') * 1024:.1f}) | {fused('decode')} | "
+            f"{next((f'{r[_FIRST]:.0f}' for r in rs if _FIRST in r), '–')} |"
         )
+
+    if marked:
+        lines += ["", "† Counted before 2026-12-01, when each output of a multi-output extern call (convolution "
+                  "backward's gradients) was counted as a kernel of its own."]
     timed = [(key, r) for key, rs in steps.items() for r in rs if "ms" in r]
     if timed:
         lines += [

@@ -25,6 +25,10 @@ Inductor's own count of each kernel's buffer reads and writes
 ``torch.compile`` of the same model. The bytes are an accounting, not a
 timing: ``bench/bench_step.py`` times the step.
 
+Each variant's first row has ``first_step_s``, the wall time of its first step: capture, the
+rewrite and Inductor's lowering and code generation (with ``--codegen triton``, nothing else:
+Triton never compiles; on a device, the kernels' compilation and one run too).
+
 ``--time N`` (``--codegen run``) adds where the time goes: after the compiling
 step and one warm-up, N steps run under ``torch.profiler``, forward and
 backward in separate windows (Inductor numbers its kernels per graph), and
@@ -44,6 +48,7 @@ import importlib.util
 import os
 import re
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -212,6 +217,7 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
     """One step of ``variant`` (``plain`` or an fxcompress spec); a row per compiled graph.
     ``codegen="triton"``: lowered to Triton on the CPU, never run (:func:`triton_codegen_only`).
     ``time_steps``: then that many profiled steps, device milliseconds by role per pass."""
+    from torch._inductor import ir
     from torch._inductor.graph import GraphLowering
 
     torch._dynamo.reset()
@@ -227,7 +233,9 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
         kernels = collections.defaultdict(lambda: [set(), 0])  # generated kernel -> roles, bytes
         for snode in self.scheduler.nodes:
             role, nbytes = kernel_role(snode, memo), snode.get_read_write_buffers_sizes()
-            by_role[role][0] += 1
+            # NB: an output of a multi-output extern call (convolution backward's, the encode op's) is
+            # a scheduler node of its own but no kernel: its bytes count, not it (until 2026-12-01 it did)
+            by_role[role][0] += not isinstance(snode.node, ir.MultiOutput)
             by_role[role][1] += nbytes
             name = next((names[p.get_name()] for p in snode.get_nodes() if p.get_name() in names), None)
             if getattr(snode.node, "op_overload", None) is ENCODE_OP:  # an extern call: the kernel has its own name
@@ -247,6 +255,7 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
     GraphLowering.codegen = spy
     cuda = device.startswith("cuda")
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cuda or codegen == "triton")
+    started = time.perf_counter()
     try:
         # NB: C++ kernels appear in the profiler only when compiled with their own ranges
         with triton_codegen_only() if codegen == "triton" else contextlib.nullcontext(), \
@@ -257,6 +266,7 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
         pass
     finally:
         GraphLowering.codegen = original
+    first_step_s = time.perf_counter() - started  # compiling; with --codegen triton all of it is
     timed = {}
     if time_steps:
         state = {}
@@ -286,6 +296,7 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
             "gib": sum(b for _, b in by_role.values()) / GiB,
             "by_role": {role: {"kernels": k, "gib": b / GiB} for role, (k, b) in sorted(by_role.items())},
         })
+    rows[0]["first_step_s"] = first_step_s
     for backward, timing in timed.items():  # NB: per pass, on the pass's first graph's row
         next(r for r in rows if (r["pass"] == "backward") == backward).update(timing)
     return rows

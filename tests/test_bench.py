@@ -88,13 +88,36 @@ def test_traffic_rows_sum_passes_and_count_fused_codec_kernels():
 
     data = {"environment": {"device": "cpu", "cpu": "test CPU", "torch": "2.x"}, "commands": ["c"], "traffic": [
         graph("plain", "forward", {"model": (10, 1.0)}), graph("plain", "backward", {"model": (10, 1.0)}),
-        graph("int4", "forward", {"model": (10, 1.0), "encode": (4, 0.5), "model+encode": (2, 0.1)}),
+        {**graph("int4", "forward", {"model": (10, 1.0), "encode": (4, 0.5), "model+encode": (2, 0.1)}),
+         "first_step_s": 12.3},
         graph("int4", "backward", {"model": (10, 1.0), "model+decode": (3, 0.4), "model+encode+decode": (1, 0.0)}),
     ]}
     rows = report._traffic(pathlib.Path("t.json"), data).splitlines()
     int4 = next(r for r in rows if "| int4 |" in r)
     # 16 + 14 kernels; 1.6 + 1.4 GiB = 1.5x plain's 2 GiB; 4 encoders alone, 3 fused; none alone, 4 fused
-    assert int4 == "| resnet | 32 | int4 | 16 / 14 | 1638.4 / 1433.6 | 1.50 | 4 (512.0) | 3 | 0 (0.0) | 4 |"
+    assert int4 == "| resnet | 32 | int4 | 16 / 14 | 1638.4 / 1433.6 | 1.50 | 4 (512.0) | 3 | 0 (0.0) | 4 | 12 |"
+    # rows without a first step's time predate the counting of multi-output calls as one kernel
+    assert "| plain | 10 / 10 † |" in next(r for r in rows if "| plain |" in r) and any(r.startswith("† ") for r in rows)
+
+
+def test_an_encode_op_counts_as_its_kernels_and_a_triton_variant_has_them():
+    import traffic
+
+    import fxcompress
+    from common import build, compress_config
+
+    rows = traffic.traffic("resnet", "int4/triton", "cpu", 2)
+    fw = next(r for r in rows if r["pass"] == "forward")
+    # the same rewrite (Inductor's partitioner), run as it is: how many encode ops the step has
+    work = build("resnet", "cpu", 2)
+    config = fxcompress.CompressConfig(**{**vars(compress_config("int4/triton")), "base_partitioner": "min_cut"})
+    cm = fxcompress.compile(work.model, config, backend="eager")
+    work.loss_fn(cm(*work.inputs)).backward()
+    ops = sum(n.target is torch.ops.fxcompress.affine_encode.default
+              for c in cm.capture_log.captures() for n in c.rewritten.fw.graph.nodes)
+    # each op and its draws are kernels (besides a mask's pack and the graph's seeds); its three outputs are not
+    assert ops and 2 * ops <= fw["by_role"]["encode"]["kernels"] <= 2 * ops + 2
+    assert rows[0]["first_step_s"] > 0
 
 
 def test_triton_codegen_says_what_is_missing_and_the_table_says_not_run(monkeypatch):
@@ -137,7 +160,7 @@ def test_profiled_cpu_step_attributes_every_generated_kernel():
     assert all(k["ms"] > 0 and k["mib"] > 0 for k in fw["slowest"] + bw["slowest"])
 
 
-@pytest.mark.parametrize("variant", ["fxcompress", "fxcompress/det", "two-pass", "two-pass/sr", "words"])
+@pytest.mark.parametrize("variant", ["fxcompress", "fxcompress/det", "triton", "two-pass", "two-pass/sr", "words"])
 def test_encoder_candidates_round_trip_within_a_step_and_move_their_bytes(variant):
     """bench/encoders.py's candidates are experiments beside the library's codec: each must decode
     within one step of x (measure() checks it before timing) and store G*4/8 bytes of codes a group."""
