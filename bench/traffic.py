@@ -296,7 +296,8 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
             "gib": sum(b for _, b in by_role.values()) / GiB,
             "by_role": {role: {"kernels": k, "gib": b / GiB} for role, (k, b) in sorted(by_role.items())},
         })
-    rows[0]["first_step_s"] = first_step_s
+    if rows:  # NB: nothing compiled, nothing to say
+        rows[0]["first_step_s"] = first_step_s
     for backward, timing in timed.items():  # NB: per pass, on the pass's first graph's row
         next(r for r in rows if (r["pass"] == "backward") == backward).update(timing)
     return rows

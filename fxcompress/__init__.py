@@ -26,7 +26,7 @@ _require_torch(torch.__version__)
 
 from . import visualize  # noqa: E402  (after the version check, which guards their imports)
 from .api import CompressedModule, compile, explain, learning_indicator  # noqa: E402
-from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule  # noqa: E402
+from .config import Backend, BasePartitioner, Codec, CompressConfig, Encoders, LearningRule  # noqa: E402
 from .errors import (  # noqa: E402
     CaptureError,
     ConfigError,
@@ -49,6 +49,7 @@ __all__ = [
     "LearningRule",
     "Backend",
     "BasePartitioner",
+    "Encoders",
     "Report",
     "ReportRow",
     "FxCompressError",

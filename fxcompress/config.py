@@ -11,7 +11,7 @@ import math
 
 from .errors import ConfigError, UnsupportedError
 
-__all__ = ["Codec", "LearningRule", "Backend", "BasePartitioner", "CompressConfig"]
+__all__ = ["Codec", "LearningRule", "Backend", "BasePartitioner", "Encoders", "CompressConfig"]
 
 
 class Codec(str, enum.Enum):
@@ -48,6 +48,13 @@ class Backend(str, enum.Enum):
     EAGER = "eager"
 
 
+class Encoders(str, enum.Enum):
+    """How the integer codecs' encoders run: ``aten`` ops Inductor fuses, or one ``triton`` kernel each."""
+
+    ATEN = "aten"
+    TRITON = "triton"
+
+
 class BasePartitioner(str, enum.Enum):
     """PyTorch's partitioner that decides what is saved before fxcompress rewrites it.
 
@@ -69,7 +76,6 @@ LOSSY_BITS = {Codec.INT8: 8, Codec.INT4: 4, Codec.INT2: 2}
 BLPA_BITS = {Codec.BLPA8: 8, Codec.BLPA4: 4}
 PER_GROUP_CODECS = (Codec.INT8, Codec.INT4, Codec.INT2, Codec.FP8)
 FP8_FORMATS = ("e4m3", "e5m2")
-ENCODERS = ("aten", "triton")
 IMPLEMENTED_RULES = frozenset({LearningRule.BACKPROP, LearningRule.ARA, LearningRule.ASA})
 
 
@@ -146,7 +152,7 @@ class CompressConfig:
     group_size: int = 256
     stochastic_rounding: bool = True
     fp8_format: str = "e4m3"
-    encoders: str = "aten"
+    encoders: Encoders | str = Encoders.ATEN
     blpa_fallback: Codec | str = Codec.NONE
     ara_stride: int | tuple[int, ...] = 2
     asa_epsilon: float = 0.01
@@ -183,10 +189,7 @@ class CompressConfig:
                 f"fp8_format={self.fp8_format!r} is not accepted; use one of "
                 + ", ".join(repr(f) for f in FP8_FORMATS)
             )
-        if self.encoders not in ENCODERS:
-            raise ConfigError(
-                f"encoders={self.encoders!r} is not accepted; use one of " + ", ".join(repr(e) for e in ENCODERS)
-            )
+        object.__setattr__(self, "encoders", _coerce(Encoders, "encoders", self.encoders))
         stride = self.ara_stride
         if isinstance(stride, list):
             stride = tuple(stride)

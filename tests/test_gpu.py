@@ -130,6 +130,19 @@ def test_triton_encoder_matches_the_aten_encoder_on_the_gpu(bits, clamp):
     assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} of {packed.numel()} bytes differ"
 
 
+@pytest.mark.parametrize("clamp", [None, 0.0])
+def test_triton_encoder_pads_odd_groups_as_the_aten_encoder_on_the_gpu(clamp):
+    from fxcompress.codecs import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(72 * 1001 + 5, device="cuda", dtype=torch.float16)  # a padded last group of 72
+    x = x if clamp is None else x.relu()
+    got = kernels.launch_encode(kernels.encode_kernel(), x, None, 4, 72, clamp)  # rounding to nearest
+    for a, b in zip(got, kernels._reference(x, None, 4, 72, clamp)):
+        assert torch.equal(a, b)
+    torch.library.opcheck(torch.ops.fxcompress.affine_encode.default, (x, torch.rand(1002, device="cuda"), 2, 72, clamp))
+
+
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_a_gpu_step_with_triton_encoders_stays_close_and_reproducible(backend):
     model, x = _on_gpu("resnet")

@@ -26,9 +26,10 @@ ENCODE = torch.ops.fxcompress.affine_encode.default
 
 def _input(n, dtype, clamp, seed=0):
     torch.manual_seed(seed)
-    x = torch.randn(n) * 3 + 0.5
+    x = torch.randn(n, dtype=torch.float64) * 3 + 0.5
     if clamp is not None:
         x = x.clamp_min(clamp)
+    x[::7] += 1e-50  # NB: above a clamp at 0 in float64, 0 in float32: the predicate is read in x's dtype
     return x.to(dtype)
 
 
@@ -41,6 +42,7 @@ CASES = [  # (dtype, bits, group, clamp, stochastic): every bit width, both code
     (torch.float32, 8, 264, 0.0, True),
     (torch.float16, 4, 40, 0.5, False),
     (torch.bfloat16, 8, 8, None, True),
+    (torch.float64, 4, 256, 0.0, True),
 ]
 NONFINITE_GROUP, NONFINITE_GROUPS = 64, 6
 
@@ -169,7 +171,7 @@ def test_a_step_with_kernel_encoders_under_inductor():
 def test_encoders_is_checked(monkeypatch):
     with pytest.raises(fxcompress.ConfigError, match="'aten', 'triton'"):
         fxcompress.CompressConfig(codec="int4", encoders="cuda")
-    monkeypatch.setattr(select, "triton_available", lambda: False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
     cuda = Layout((4, 256), (256, 1), torch.float32, torch.device("cuda"))
     with pytest.raises(fxcompress.UnsupportedError, match="needs Triton"):
         select._group_affine(cuda, 4, fxcompress.CompressConfig(codec="int4", encoders="triton"))

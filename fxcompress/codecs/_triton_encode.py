@@ -46,7 +46,7 @@ def affine_encode_kernel(
     xs = tl.where(inside, xs, tl.load(x_ptr + n - 1))
     x = xs.to(tl.float32)
     if CLAMPED:
-        at_c = x <= C  # C is the clamp value rounded to x's dtype: the same test in fp32
+        at_c = xs <= C  # NB: in x's own dtype, as the op reads it (C is the clamp value rounded to it)
         hi = tl.reduce(tl.reduce(tl.where(ok, x, -float("inf")), 2, _nan_max), 1, _nan_max)
         above = tl.where(at_c, float("inf"), x)  # NB: a NaN is not at c, and stays
         lo = tl.reduce(tl.reduce(tl.where(ok, above, float("inf")), 2, _nan_min), 1, _nan_min)

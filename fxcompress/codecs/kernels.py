@@ -7,7 +7,8 @@ same groups, ranges, dither, codes and packing; ``tests/test_kernels.py``
 checks the Triton kernel bit for bit against the aten code, in Triton's
 interpreter on the CPU, and ``tests/test_gpu.py`` on CUDA, where it is
 compiled without fused multiply-adds and with a correctly rounded division,
-as the aten ops compute, one kernel each) in one pass over the input:
+as the aten ops compute, one kernel each; a group holding NaN or inf has
+codes of no meaning on either path, and decodes to NaN) in one pass over the input:
 
     before (aten ops, ~50 nodes per encoder)       after (one node)
       g = x.view(-1, 2, 128).transpose(1, 2)        packed, lo, scale = fxcompress.affine_encode(
@@ -48,7 +49,7 @@ from .base import Layout
 from .quant import _MIN_SCALE, _PHI, ClampedAffine, GroupAffine
 from .uses import Predicate
 
-__all__ = ["affine_encode", "triton_available", "encode_kernel", "launch_encode"]
+__all__ = ["affine_encode", "triton_available", "require_triton", "encode_kernel", "launch_encode"]
 
 _ELEMENTS_PER_PROGRAM = 4096  # a block of whole groups: 8 KiB of bf16 per program
 _NO_FMA = {"enable_fp_fusion": False}  # a Triton launch option
@@ -57,6 +58,14 @@ _NO_FMA = {"enable_fp_fusion": False}  # a Triton launch option
 def triton_available() -> bool:
     """Whether Triton can be imported (it comes with CUDA builds of PyTorch)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def require_triton() -> None:
+    """Raise :class:`UnsupportedError` where CUDA tensors would need the kernel and Triton is missing."""
+    if not triton_available():
+        raise UnsupportedError(
+            "encoders='triton' needs Triton for CUDA tensors, and it cannot be imported (it comes with CUDA "
+            "builds of PyTorch, or `pip install triton`); use encoders='aten'")
 
 
 def encode_kernel():
@@ -124,11 +133,16 @@ def affine_encode(x: torch.Tensor, r: Optional[torch.Tensor], bits: int, group: 
     to nearest. ``clamp``: ``None`` for :class:`GroupAffine`'s codes, or ``c`` for
     :class:`ClampedAffine`'s (code 0 for ``x <= c``).
     """
+    n_groups, _ = _shapes(x.numel(), bits, group)
+    torch._check(r is None or (r.dtype == torch.float32 and r.numel() == n_groups),
+                 lambda: f"affine_encode: r must hold {n_groups} float32 draws, not {r.numel()} {r.dtype}")
     if x.is_cuda:
-        if not triton_available():
-            raise UnsupportedError("encoders='triton' needs Triton on CUDA (it comes with CUDA builds of PyTorch)")
-        # NB: no-ops on what the codecs pass (a dense tensor's memory-order view, a fresh draw)
-        return launch_encode(encode_kernel(), x.contiguous(), None if r is None else r.contiguous(), bits, group, clamp)
+        require_triton()
+        # NB: Triton launches on the current device; contiguous() is a no-op on what the codecs
+        # pass (a dense tensor's memory-order view, a fresh draw)
+        with torch.cuda.device(x.device):
+            return launch_encode(encode_kernel(), x.contiguous(), None if r is None else r.contiguous(),
+                                 bits, group, clamp)
     return tuple(t.contiguous() for t in _reference(x, r, bits, group, clamp))
 
 

@@ -156,7 +156,7 @@ class GroupAffine(Codec):
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}" + ("" if self.stochastic else "/det")
+        return f"int{self.bits}" + ("" if self.stochastic else "/det") + ("/triton" if self.kernel else "")
 
     @property
     def levels(self) -> int:
@@ -181,7 +181,7 @@ class GroupAffine(Codec):
         """Stochastic rounding's one uniform draw per group, as ``(n_groups, 1, 1)``; ``None`` when rounding to nearest."""
         if not self.stochastic:
             return None
-        return torch.rand(-(-self.layout.numel // self.group), 1, 1, device=x.device)
+        return torch.rand(-(-self.layout.numel // self.group), 1, 1, dtype=torch.float32, device=x.device)
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, self._values(self._unpack(packed, lo), lo, scale))

@@ -49,13 +49,12 @@ import torch.fx as fx
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
 from ..codecs.blpa import BLPA, BLPARelu
-from ..codecs.kernels import triton_available
+from ..codecs.kernels import require_triton
 from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from ..codecs.uses import (VIEW_OPS, ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of,
                            view_root)
-from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig
+from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig, Encoders
 from ..config import Codec as CodecName
-from ..errors import UnsupportedError
 from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
 
 __all__ = ["plan_codecs"]
@@ -316,11 +315,9 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
 
 def _group_affine(layout: Layout, bits: int, config: CompressConfig) -> GroupAffine:
     """The per-group integer codec of ``config``, its encoder one kernel where ``config.encoders`` says so."""
-    kernel = config.encoders == "triton"
-    if kernel and layout.device.type == "cuda" and not triton_available():
-        raise UnsupportedError(
-            "encoders='triton' needs Triton for CUDA tensors, and it cannot be imported (it comes with CUDA "
-            "builds of PyTorch, or `pip install triton`); use encoders='aten'")
+    kernel = config.encoders is Encoders.TRITON
+    if kernel and layout.device.type == "cuda":
+        require_triton()
     return GroupAffine(layout, bits, config.group_size, config.stochastic_rounding, kernel)
 
 
