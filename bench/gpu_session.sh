@@ -76,8 +76,9 @@ for s in $STEPS; do
         encoders) run_step encoders 180 python3 bench/encoders.py --device cuda --variants copy fxcompress triton \
                   triton/det --out "bench/results/encoders_$H.json" ;;
         peak) run_step peak 200 python3 bench/where_peak.py --model resnet50 --variant "fxcompress int4" --top 15 ;;
-        # 85 s for test_gpu.py on an H200 (2026-11-30); the CUDA cases of the CPU files beside it
-        tests) run_step tests 200 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
+        # 85 s for test_gpu.py on an H200 (2026-11-30), 137 s for 12 tests on a fresh machine; since
+        # 2026-12-01 ten more (the Triton encoder's; two compile a step). The CUDA cases of the CPU files beside it
+        tests) run_step tests 300 python3 -m pytest -q -rA -p no:logging tests/test_gpu.py \
                   tests/test_lossless.py tests/test_reliability.py -k "${TESTS_K:-cuda or test_gpu}" ;;
         blpa) run_step blpa 330 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
                   --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
