@@ -188,7 +188,7 @@ def test_the_kernel_compiles_for_a_gpu_to_vector_loads_and_exact_arithmetic(bits
 
     from fxcompress.codecs._triton_encode import affine_encode_kernel
 
-    blocks, constants = kernels._launch_constants(100_000, bits, 256, clamp, torch.bfloat16, True)
+    constants = kernels._launch_constants(bits, 256, clamp, torch.bfloat16, True)
     signature = {"x_ptr": "*bf16", "r_ptr": "*fp32", "packed_ptr": "*u8", "lo_ptr": "*fp32", "scale_ptr": "*fp32",
                  "n": "i32", "n_groups": "i32", **{name: "constexpr" for name in constants}}
     names = list(signature)

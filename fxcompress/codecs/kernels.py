@@ -89,28 +89,28 @@ def launch_encode(kernel, x: torch.Tensor, r: Optional[torch.Tensor], bits: int,
     packed = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
     lo = torch.empty(n_groups, 1, 1, dtype=torch.float32, device=x.device)
     scale = torch.empty(n_groups, 1, 1, dtype=torch.float32, device=x.device)
-    blocks, constants = _launch_constants(n_groups, bits, group, clamp, x.dtype, r is not None)
-    # NB: no fused multiply-adds, so that the codes are the aten code's (a kernel per op) on CUDA too
+    constants = _launch_constants(bits, group, clamp, x.dtype, r is not None)
+    blocks = -(-n_groups // constants["BLOCK_GROUPS"])
+    # NB: r's pointer is unread when rounding to nearest. No fused multiply-adds, so that the
+    # codes are the aten code's (a kernel per op) on CUDA too.
     kernel[(blocks,)](x, r if r is not None else lo, packed, lo, scale, n, n_groups, **constants, **_NO_FMA)
     return packed, lo, scale
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_constants(n_groups: int, bits: int, group: int, clamp: Optional[float], dtype: torch.dtype,
-                      stochastic: bool) -> tuple[int, dict]:
-    """The grid and the kernel's compile-time constants (cached: a step launches every encoder every time)."""
+def _launch_constants(bits: int, group: int, clamp: Optional[float], dtype: torch.dtype, stochastic: bool) -> dict:
+    """The kernel's compile-time constants (cached: a step launches every encoder every time)."""
     per_byte = 8 // bits
     n_group_bytes = group // per_byte
     bytes_p2 = 1 << (n_group_bytes - 1).bit_length()
     block = max(1, _ELEMENTS_PER_PROGRAM // (per_byte * bytes_p2))
     levels = (1 << bits) - 1
     steps = levels - 1 if clamp is not None else levels
-    # NB: the clamp value rounded to x's dtype, so that the kernel's fp32 test x <= c is the op's own
+    # NB: the clamp value rounded to x's dtype, in which the kernel tests x <= c, as the op does
     c = 0.0 if clamp is None else float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
-    constants = dict(GROUP=group, BITS=bits, BYTES=n_group_bytes, BYTES_P2=bytes_p2, BLOCK_GROUPS=block,
-                     STOCHASTIC=stochastic, CLAMPED=clamp is not None, C=c, STEP_FACTOR=2.0 / steps,
-                     LEVELS=levels, PHI=_PHI, MIN_SCALE=_MIN_SCALE)
-    return -(-n_groups // block), constants
+    return dict(GROUP=group, BITS=bits, BYTES=n_group_bytes, BYTES_P2=bytes_p2, BLOCK_GROUPS=block,
+                STOCHASTIC=stochastic, CLAMPED=clamp is not None, C=c, STEP_FACTOR=2.0 / steps,
+                LEVELS=levels, PHI=_PHI, MIN_SCALE=_MIN_SCALE)
 
 
 def _reference(x: torch.Tensor, r: Optional[torch.Tensor], bits: int, group: int,

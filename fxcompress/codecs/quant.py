@@ -81,6 +81,11 @@ def _groups(layout: Layout, x: torch.Tensor, group: int, dtype: torch.dtype | No
     return g if dtype is None else g.to(dtype)
 
 
+def _n_groups(layout: Layout, group: int) -> int:
+    """How many groups of ``group`` elements hold ``layout``'s tensor (the last one padded)."""
+    return -(-layout.numel // group)
+
+
 def _group_min(g: torch.Tensor) -> torch.Tensor:
     """Per-group minimum of :func:`_groups`' groups, as ``(n_groups, 1, 1)``.
 
@@ -181,7 +186,7 @@ class GroupAffine(Codec):
         """Stochastic rounding's one uniform draw per group, as ``(n_groups, 1, 1)``; ``None`` when rounding to nearest."""
         if not self.stochastic:
             return None
-        return torch.rand(-(-self.layout.numel // self.group), 1, 1, dtype=torch.float32, device=x.device)
+        return torch.rand(_n_groups(self.layout, self.group), 1, 1, dtype=torch.float32, device=x.device)
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _ungroup(self.layout, self._values(self._unpack(packed, lo), lo, scale))
@@ -241,7 +246,7 @@ class GroupAffine(Codec):
         return (scale if self.stochastic else scale / 2) * (1 + 4 * self.levels * eps) + g.abs() * (4 * eps)
 
     def nbytes(self) -> int:
-        g = -(-self.layout.numel // self.group)
+        g = _n_groups(self.layout, self.group)
         return g * self.group * self.bits // 8 + 8 * g
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,7 +292,7 @@ class GroupFP8(Codec):
         return (amax / torch.finfo(FP8_FORMATS[self.fmt]).max).clamp_min(_MIN_SCALE)
 
     def nbytes(self) -> int:
-        g = -(-self.layout.numel // self.group)
+        g = _n_groups(self.layout, self.group)
         return g * self.group + 4 * g
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,7 +406,7 @@ class SplitAffine(Codec):
         return side if _LOW_SIDE[self.predicate.kind] else torch.logical_not(side)
 
     def nbytes(self) -> int:
-        return self.inner.nbytes() + 2 * (-(-self.inner.layout.numel // self.inner.group))
+        return self.inner.nbytes() + 2 * _n_groups(self.inner.layout, self.inner.group)
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         """One step of the inner grid for both roundings, plus its fp32 slack."""
