@@ -372,14 +372,15 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _lower_random_ops(fw: fx.GraphModule) -> None:
-    """Turn the ``aten.rand`` of stochastic rounding into Inductor's seeded random ops.
+    """Turn the ``aten.rand`` of stochastic rounding (``aten.randint``: the seed of ``encoders="triton"``)
+    into Inductor's seeded random ops.
 
     NB: Inductor rewrites random ops in its joint-graph passes, which run
     before the partitioner; ops inserted after it must go through the same
     pass or they fail to lower. This edits the freshly rewritten forward
     (fxcompress's own copy) in place.
     """
-    if not any(n.target is torch.ops.aten.rand.default for n in fw.graph.nodes):
+    if not any(n.target in (torch.ops.aten.rand.default, torch.ops.aten.randint.low) for n in fw.graph.nodes):
         return
     from torch._inductor.fx_passes.replace_random import replace_random_passes
     from torch._inductor.virtualized import V

@@ -64,13 +64,17 @@ def _interpret_cases(path: str) -> None:
         dtype, bits, group, clamp, stochastic = case
         n = 37 * group + 11  # NB: the last group is padded
         x = _input(n, dtype, clamp)
-        r = torch.rand(-(-n // group)) if stochastic else None
-        out[str(case)] = (kernels.launch_encode(kernel, x, r, bits, group, clamp),
-                          kernels._reference(x, r, bits, group, clamp))
+        seed = kernels.new_seed(x.device) if stochastic else None
+        stream = len(out)  # NB: 1 among them, which Triton passes as a constant
+        out[str(case)] = (kernels.launch_encode(kernel, x, seed, stream, bits, group, clamp),
+                          kernels._reference(x, seed, stream, bits, group, clamp))
     for clamp in (None, 0.0):
-        x, r = _nonfinite_input(clamp), torch.rand(NONFINITE_GROUPS)
-        out[f"nonfinite {clamp}"] = (kernels.launch_encode(kernel, x, r, 4, NONFINITE_GROUP, clamp),
-                                     kernels._reference(x, r, 4, NONFINITE_GROUP, clamp))
+        x, seed = _nonfinite_input(clamp), kernels.new_seed("cpu")
+        out[f"nonfinite {clamp}"] = (kernels.launch_encode(kernel, x, seed, 5, 4, NONFINITE_GROUP, clamp),
+                                     kernels._reference(x, seed, 5, 4, NONFINITE_GROUP, clamp))
+    x, seed = _input(300 * 64 + 1, torch.float32, None), torch.tensor([0x0123456789ABCDEF >> 2])  # both key words
+    out["draws"] = (kernels.launch_encode(kernel, x, seed, (1 << 31) - 1, 4, 64, None),
+                    kernels._reference(x, seed, (1 << 31) - 1, 4, 64, None))
     torch.save(out, path)
 
 
@@ -99,6 +103,40 @@ def test_kernel_matches_the_aten_encoder_bit_for_bit(interpreted, case):
         assert torch.equal(a, b), f"{name}: {int((a != b).sum())} of {a.numel()} differ"
 
 
+def test_kernel_draws_are_the_reference_draws(interpreted):
+    """A seed with both key words set, the largest stream, 301 groups: the same codes."""
+    got, want = interpreted["draws"]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+# Random123's known answers for Philox-4x32-10 (its kat_vectors file): counter, key, result
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,want", PHILOX_KAT)
+def test_the_reference_generator_is_philox(counter, key, want):
+    got = kernels.philox(tuple(torch.tensor([c]) for c in counter), tuple(torch.tensor(k) for k in key))
+    assert [int(w) for w in got] == list(want)
+
+
+def test_draws_are_uniform_and_apart_for_every_seed_and_stream():
+    n = 1 << 16
+    a = kernels.draws(torch.tensor([12345]), 0, n)
+    assert a.dtype == torch.float32 and 0 <= a.min() and a.max() < 1
+    counts = torch.histc(a, bins=16, min=0, max=1)
+    assert (counts - n / 16).abs().max() < 5 * math.sqrt(n / 16)  # five standard deviations
+    for other in (kernels.draws(torch.tensor([12345]), 1, n), kernels.draws(torch.tensor([12346]), 0, n),
+                  kernels.draws(torch.tensor([12345 + (1 << 32)]), 0, n)):  # the key's high word
+        assert (a == other).float().mean() < 1e-3
+        assert abs(torch.corrcoef(torch.stack([a, other]))[0, 1]) < 0.02
+
+
 @pytest.mark.parametrize("clamp", [None, 0.0])
 def test_kernel_poisons_groups_with_nan_or_inf_as_the_aten_encoder_does(interpreted, clamp):
     (packed, lo, scale), (ref_packed, ref_lo, ref_scale) = interpreted[f"nonfinite {clamp}"]
@@ -121,19 +159,21 @@ def test_kernel_poisons_groups_with_nan_or_inf_as_the_aten_encoder_does(interpre
 @pytest.mark.parametrize("clamp", [None, 0.0])
 def test_the_op_is_the_codec_encoder_and_its_fake_has_the_real_shapes(clamp):
     x = _input(1000, torch.bfloat16, clamp)
-    r = torch.rand(4)
-    torch.library.opcheck(ENCODE, (x, r, 4, 256, clamp))
-    torch.library.opcheck(ENCODE, (x, None, 2, 256, clamp))
-    codec = GroupAffine(Layout.of(x), 4, 256, True)
-    if clamp is not None:
-        relu = Predicate("le", (clamp,))
-        codec = ClampedAffine(codec, relu, relu.near_values(x.dtype))
-    torch.manual_seed(3)
-    want = codec.encode(x)
-    torch.manual_seed(3)
-    got = kernel_codec(codec).encode(x)
-    for a, b in zip(got, want):
-        assert torch.equal(a.reshape(b.shape), b)
+    seed = kernels.new_seed("cpu")
+    torch.library.opcheck(ENCODE, (x, seed, 3, 4, 256, clamp))
+    torch.library.opcheck(ENCODE, (x, None, 0, 2, 256, clamp))
+    for stochastic in (True, False):
+        codec = GroupAffine(Layout.of(x), 4, 256, stochastic)
+        if clamp is not None:
+            relu = Predicate("le", (clamp,))
+            codec = ClampedAffine(codec, relu, relu.near_values(x.dtype))
+        torch.manual_seed(3)
+        got = kernel_codec(codec).encode(x)
+        torch.manual_seed(3)
+        seed = kernels.new_seed("cpu") if stochastic else None  # the seed the op drew
+        r = None if seed is None else kernels.draws(seed, 0, 4).view(-1, 1, 1)
+        for a, b in zip(got, codec._encode(x, r)):
+            assert torch.equal(a.reshape(b.shape), b)
 
 
 def kernel_codec(codec):
@@ -146,10 +186,11 @@ def kernel_codec(codec):
 
 @pytest.mark.parametrize("name", ["resnet", "transformer"])
 def test_a_step_with_kernel_encoders_equals_the_aten_one(name):
+    """Rounding to nearest: the same codes, so the same step (the draws differ: the next test)."""
     model, x = make_model(name)
-    want = train_step(model, x, compressed("int4"))
+    want = train_step(model, x, compressed("int4", stochastic_rounding=False))
     model, x = make_model(name)
-    got = train_step(model, x, compressed("int4", encoders="triton"))
+    got = train_step(model, x, compressed("int4", encoders="triton", stochastic_rounding=False))
     assert torch.equal(got.output, want.output)
     assert_grads_equal(got.grads, want.grads)
     captures = got.module.capture_log.captures()
@@ -159,11 +200,38 @@ def test_a_step_with_kernel_encoders_equals_the_aten_one(name):
     assert encoders and len(encoders) == sum(isinstance(c, GroupAffine) and c.kernel for c in codecs)
 
 
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_stochastic_kernel_encoders_share_one_seed_per_graph_and_reproduce(backend):
+    model, x = make_model("resnet")
+    first = train_step(model, x, compressed("int4", backend, encoders="triton"))
+    model, x = make_model("resnet")
+    second = train_step(model, x, compressed("int4", backend, encoders="triton"))
+    assert_grads_equal(first.grads, second.grads)  # NB: a fresh compile, the same torch.manual_seed
+    model, x = make_model("resnet")
+    aten = train_step(model, x, compressed("int4", backend))
+    assert _cosine(first.grads, aten.grads) > 0.99  # other draws, the same codec
+    model, x = make_model("resnet")
+    other = train_step(model, x, compressed("int4", backend, encoders="triton"), seed=2)
+    assert not all(torch.equal(other.grads[k], first.grads[k]) for k in first.grads)  # draws follow the generator
+    for capture in first.module.capture_log.captures():
+        nodes = capture.rewritten.fw.graph.nodes
+        encoders = [n for n in nodes if n.target is ENCODE]
+        assert len({n.args[1] for n in encoders}) == 1  # one seed ...
+        assert sorted(n.args[2] for n in encoders) == list(range(len(encoders)))  # ... and a stream each
+        seeds = [n for n in nodes if n.target is torch.ops.aten.randint.low]
+        assert len(seeds) == (1 if backend == "eager" else 0)  # Inductor's seeded ops replace it
+
+
+def _cosine(a: dict, b: dict) -> float:
+    flat = [torch.cat([d[k].flatten() for k in sorted(d)]) for d in (a, b)]
+    return float(torch.nn.functional.cosine_similarity(*flat, dim=0))
+
+
 def test_a_step_with_kernel_encoders_under_inductor():
     model, x = make_model("mlp")
-    want = train_step(model, x, compressed("int4", "inductor"))
+    want = train_step(model, x, compressed("int4", "inductor", stochastic_rounding=False))
     model, x = make_model("mlp")
-    got = train_step(model, x, compressed("int4", "inductor", encoders="triton"))
+    got = train_step(model, x, compressed("int4", "inductor", encoders="triton", stochastic_rounding=False))
     assert any(n.target is ENCODE for c in got.module.capture_log.captures() for n in c.rewritten.fw.graph.nodes)
     assert_grads_close(got.grads, want.grads)
 
@@ -189,12 +257,12 @@ def test_the_kernel_compiles_for_a_gpu_to_vector_loads_and_exact_arithmetic(bits
     from fxcompress.codecs._triton_encode import affine_encode_kernel
 
     constants = kernels._launch_constants(bits, 256, clamp, torch.bfloat16, True)
-    signature = {"x_ptr": "*bf16", "r_ptr": "*fp32", "packed_ptr": "*u8", "lo_ptr": "*fp32", "scale_ptr": "*fp32",
-                 "n": "i32", "n_groups": "i32", **{name: "constexpr" for name in constants}}
+    signature = {"x_ptr": "*bf16", "seed_ptr": "*i64", "stream": "i32", "packed_ptr": "*u8", "lo_ptr": "*fp32",
+                 "scale_ptr": "*fp32", "n": "i32", "n_groups": "i32", **{name: "constexpr" for name in constants}}
     names = list(signature)
     source = ASTSource(fn=affine_encode_kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})  # as Triton specializes them
+                       attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5, 6, 7)})  # as Triton does
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=kernels._NO_FMA).asm["ptx"]
     assert "ld.global.v4.b32" in ptx  # 8 bf16 per load
     assert ptx.count("ld.global.b16") <= 1  # only the last element, the padding's value

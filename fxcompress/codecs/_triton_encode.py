@@ -19,11 +19,37 @@ def _nan_max(a, b):
 
 
 @triton.jit
+def _draws(seed_ptr, stream, g, ROUNDS: tl.constexpr):
+    """Groups ``g``'s uniform draws: Philox-4x32 at counter ``(g, stream, 0, 0)`` under the key ``seed``,
+    the first word's top 24 bits (``kernels.draws``, the same in aten ops)."""
+    seed = tl.load(seed_ptr)
+    k0 = seed.to(tl.uint32)  # NB: the low word (a truncation)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = g.to(tl.uint32)
+    c1 = c0 * 0 + stream  # NB: not stream.to(): Triton passes a 1 as a constant
+    c2 = c0 * 0
+    c3 = c2
+    for _ in tl.static_range(ROUNDS):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
 def affine_encode_kernel(
-    x_ptr, r_ptr, packed_ptr, lo_ptr, scale_ptr, n, n_groups,
+    x_ptr, seed_ptr, stream, packed_ptr, lo_ptr, scale_ptr, n, n_groups,
     GROUP: tl.constexpr, BITS: tl.constexpr, BYTES: tl.constexpr, BYTES_P2: tl.constexpr,
     BLOCK_GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, CLAMPED: tl.constexpr, C: tl.constexpr,
     STEP_FACTOR: tl.constexpr, LEVELS: tl.constexpr, PHI: tl.constexpr, MIN_SCALE: tl.constexpr,
+    ROUNDS: tl.constexpr,
 ):
     # One program: BLOCK_GROUPS groups as a [groups, places in a byte, bytes] tile; element
     # ``j * BYTES + b`` of a group goes to bit offset ``BITS * j`` of its byte ``b`` (quant._groups).
@@ -61,7 +87,7 @@ def affine_encode_kernel(
     per_step = tl.math.div_rn(1.0, scale) * 2.0
     steps = (x * 0.5 - (lo * 0.5)[:, None, None]) * per_step[:, None, None]
     if STOCHASTIC:
-        r = tl.load(r_ptr + g, mask=g < n_groups, other=0.0)
+        r = _draws(seed_ptr, stream, g, ROUNDS)
         u = r[:, None, None] + place.to(tl.float32) * PHI
         u = u - tl.floor(u)
     else:

@@ -10,9 +10,10 @@ compiled without fused multiply-adds and with a correctly rounded division,
 as the aten ops compute, one kernel each; a group holding NaN or inf has
 codes of no meaning on either path, and decodes to NaN) in one pass over the input:
 
-    before (aten ops, ~50 nodes per encoder)       after (one node)
+    before (aten ops, ~50 nodes per encoder)       after (one node; one seed per graph)
       g = x.view(-1, 2, 128).transpose(1, 2)        packed, lo, scale = fxcompress.affine_encode(
-      lo = g.amin(-1).amin(-1); hi = ...                 x.view(-1), rand(n_groups), bits=4, group=256)
+      lo = g.amin(-1).amin(-1); hi = ...                 x.view(-1), seed, stream=7, bits=4, group=256)
+      u = frac(rand(n_groups) + i * phi)
       codes = floor((g/2 - lo/2) * (2/scale) + u)
       packed = codes[..., 0] | codes[..., 1] << 4
 
@@ -32,9 +33,20 @@ packed bytes and the groups' ranges. Whether that is faster on a GPU is for
 
 On CUDA tensors the op launches the Triton kernel; elsewhere it runs the
 codec's aten code (the reference), so a graph with the op runs on any
-device. The dither ``r`` (one uniform draw per group) is an input drawn by
-aten ``rand`` in the graph, as the aten code draws it: the two paths consume
-the generator alike, and Inductor's own random numbers replace it there.
+device.
+
+Stochastic rounding's draws (one uniform number per group, which the aten
+code draws with ``rand``) are made inside the kernel: group ``g``'s is the
+first word of Philox-4x32-10 (Salmon et al., "Parallel random numbers: as
+easy as 1, 2, 3", SC 2011) at counter ``(g, stream, 0, 0)`` under the key
+``seed``, its top 24 bits as a float in ``[0, 1)``. ``seed`` is one int64
+tensor drawn from PyTorch's generator in the graph (``aten.randint``; seeded
+by ``torch.manual_seed``, so steps are reproducible) and shared by every
+encoder of the graph (:func:`share_seed`), ``stream`` a number of the
+encoder's own, so no two groups of a step share a counter. A graph of N
+encoders then runs no kernel of draws (it ran N: ``rand`` cannot fuse into
+an extern kernel) and no draws are written or read. :func:`draws` computes
+the same numbers with aten ops, for the reference.
 """
 from __future__ import annotations
 
@@ -43,13 +55,15 @@ import importlib.util
 from typing import Optional
 
 import torch
+import torch.fx as fx
 
-from ..errors import UnsupportedError
+from ..errors import InternalError, UnsupportedError
 from .base import Layout
 from .quant import _MIN_SCALE, _PHI, ClampedAffine, GroupAffine
 from .uses import Predicate
 
-__all__ = ["affine_encode", "triton_available", "require_triton", "encode_kernel", "launch_encode"]
+__all__ = ["affine_encode", "draws", "new_seed", "share_seed", "triton_available", "require_triton", "encode_kernel",
+           "launch_encode"]
 
 _ELEMENTS_PER_PROGRAM = 4096  # a block of whole groups: 8 KiB of bf16 per program
 _NO_FMA = {"enable_fp_fusion": False}  # a Triton launch option
@@ -81,7 +95,7 @@ def _shapes(n: int, bits: int, group: int) -> tuple[int, int]:
     return n_groups, n_groups * group * bits // 8
 
 
-def launch_encode(kernel, x: torch.Tensor, r: Optional[torch.Tensor], bits: int, group: int,
+def launch_encode(kernel, x: torch.Tensor, seed: Optional[torch.Tensor], stream: int, bits: int, group: int,
                   clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``kernel`` (:func:`encode_kernel`, or its interpreted form in the tests) on a 1-D ``x``."""
     n = x.numel()
@@ -89,12 +103,81 @@ def launch_encode(kernel, x: torch.Tensor, r: Optional[torch.Tensor], bits: int,
     packed = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
     lo = torch.empty(n_groups, 1, 1, dtype=torch.float32, device=x.device)
     scale = torch.empty(n_groups, 1, 1, dtype=torch.float32, device=x.device)
-    constants = _launch_constants(bits, group, clamp, x.dtype, r is not None)
+    constants = _launch_constants(bits, group, clamp, x.dtype, seed is not None)
     blocks = -(-n_groups // constants["BLOCK_GROUPS"])
-    # NB: r's pointer is unread when rounding to nearest. No fused multiply-adds, so that the
-    # codes are the aten code's (a kernel per op) on CUDA too.
-    kernel[(blocks,)](x, r if r is not None else lo, packed, lo, scale, n, n_groups, **constants, **_NO_FMA)
+    # NB: the seed's pointer is unread when rounding to nearest. No fused multiply-adds, so that
+    # the codes are the aten code's (a kernel per op) on CUDA too.
+    kernel[(blocks,)](x, seed if seed is not None else lo, stream, packed, lo, scale, n, n_groups,
+                      **constants, **_NO_FMA)
     return packed, lo, scale
+
+
+PHILOX_ROUNDS = 10
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # the round multipliers (Salmon et al., Philox-4x32)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # the key schedule's increments (the golden ratio, sqrt(3) - 1)
+_U32 = 0xFFFFFFFF
+SEED_BOUND = 1 << 62  # seeds are drawn from [0, SEED_BOUND): both key words vary
+
+
+def philox(counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch.Tensor],
+           rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32 on int64 tensors holding 32-bit words: ``counter`` four words, ``key`` two.
+
+    The kernel's generator in aten ops (the reference), checked against the
+    published answers of Random123, the authors' library (``tests/test_kernels.py``).
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_M[0])
+        hi1, lo1 = _mul_hi_lo(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W[0]) & _U32, (k1 + _PHILOX_W[1]) & _U32
+    return c0, c1, c2, c3
+
+
+def _mul_hi_lo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low words of the 64-bit product of 32-bit words ``a`` and ``m``, in int64
+    without overflow: ``m`` in 16-bit halves, each partial product below 2**48."""
+    p_lo, p_hi = a * (m & 0xFFFF), a * (m >> 16)
+    return (p_hi + (p_lo >> 16)) >> 16, (((p_hi & 0xFFFF) << 16) + p_lo) & _U32
+
+
+def draws(seed: torch.Tensor, stream: int, n_groups: int) -> torch.Tensor:
+    """The kernel's ``n_groups`` uniform draws in ``[0, 1)`` (float32) for ``seed`` and ``stream``:
+    for group ``g``, the top 24 bits of Philox's first word at counter ``(g, stream, 0, 0)``."""
+    seed = seed.reshape(()).to(torch.int64)
+    g = torch.arange(n_groups, dtype=torch.int64, device=seed.device)
+    zero = torch.zeros_like(g)
+    word = philox((g, zero + stream, zero, zero), (seed & _U32, (seed >> 32) & _U32))[0]
+    return (word >> 8).to(torch.float32) * 2.0 ** -24  # NB: exact: 24 bits fit a float32
+
+
+def new_seed(device: torch.device) -> torch.Tensor:
+    """One seed for the draws, from PyTorch's generator (``torch.manual_seed`` makes it reproducible)."""
+    return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=device)
+
+
+def share_seed(graph: fx.Graph) -> None:
+    """Make the stochastic encoders of ``graph`` read one seed, each with a ``stream`` of its own.
+
+    Each encoder is traced with a seed of its own (:func:`new_seed`): under
+    Inductor each would be a kernel. The first encoder's seed comes before
+    every encoder, so all read it, and the others' seeds are erased.
+    """
+    op = torch.ops.fxcompress.affine_encode.default
+    encoders = [n for n in graph.nodes if n.target is op and n.args[1] is not None]
+    if not encoders:
+        return
+    shared = encoders[0].args[1]
+    for stream, node in enumerate(encoders):
+        own = node.args[1]
+        if own.target is not torch.ops.aten.randint.low or len(own.users) != 1:
+            raise InternalError(f"{node.name} reads a seed fxcompress did not draw: {own.format_node()}")
+        node.update_arg(1, shared)
+        node.update_arg(2, stream)
+        if own is not shared:
+            graph.erase_node(own)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,14 +193,14 @@ def _launch_constants(bits: int, group: int, clamp: Optional[float], dtype: torc
     c = 0.0 if clamp is None else float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
     return dict(GROUP=group, BITS=bits, BYTES=n_group_bytes, BYTES_P2=bytes_p2, BLOCK_GROUPS=block,
                 STOCHASTIC=stochastic, CLAMPED=clamp is not None, C=c, STEP_FACTOR=2.0 / steps,
-                LEVELS=levels, PHI=_PHI, MIN_SCALE=_MIN_SCALE)
+                LEVELS=levels, PHI=_PHI, MIN_SCALE=_MIN_SCALE, ROUNDS=PHILOX_ROUNDS)
 
 
-def _reference(x: torch.Tensor, r: Optional[torch.Tensor], bits: int, group: int,
+def _reference(x: torch.Tensor, seed: Optional[torch.Tensor], stream: int, bits: int, group: int,
                clamp: Optional[float]) -> tuple[torch.Tensor, ...]:
-    """The codec's aten code on a 1-D ``x``: what the kernel computes."""
-    inner = GroupAffine(Layout.of(x), bits, group, r is not None)
-    r = None if r is None else r.view(-1, 1, 1)
+    """The codec's aten code on a 1-D ``x``, with the kernel's draws: what the kernel computes."""
+    inner = GroupAffine(Layout.of(x), bits, group, seed is not None)
+    r = None if seed is None else draws(seed, stream, _shapes(x.numel(), bits, group)[0]).view(-1, 1, 1)
     if clamp is None:
         return inner._encode(x, r)
     predicate = Predicate("le", (clamp,))
@@ -125,29 +208,29 @@ def _reference(x: torch.Tensor, r: Optional[torch.Tensor], bits: int, group: int
 
 
 @torch.library.custom_op("fxcompress::affine_encode", mutates_args=())
-def affine_encode(x: torch.Tensor, r: Optional[torch.Tensor], bits: int, group: int,
+def affine_encode(x: torch.Tensor, seed: Optional[torch.Tensor], stream: int, bits: int, group: int,
                   clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group affine ``bits``-bit codes of the 1-D dense ``x``: ``(packed, lo, scale)``.
 
-    ``r``: one uniform draw per group for stochastic rounding, ``None`` for rounding
-    to nearest. ``clamp``: ``None`` for :class:`GroupAffine`'s codes, or ``c`` for
+    ``seed`` (one int64) and ``stream``: the key and the counter's second word of
+    stochastic rounding's draws (:func:`draws`); ``seed=None`` rounds to nearest.
+    ``clamp``: ``None`` for :class:`GroupAffine`'s codes, or ``c`` for
     :class:`ClampedAffine`'s (code 0 for ``x <= c``).
     """
-    n_groups, _ = _shapes(x.numel(), bits, group)
-    torch._check(r is None or (r.dtype == torch.float32 and r.numel() == n_groups),
-                 lambda: f"affine_encode: r must hold {n_groups} float32 draws, not {r.numel()} {r.dtype}")
+    torch._check(seed is None or (seed.dtype == torch.int64 and seed.numel() == 1),
+                 lambda: f"affine_encode: the seed must be one int64, not {seed.numel()} {seed.dtype}")
+    torch._check(0 <= stream < 1 << 31, lambda: f"affine_encode: stream {stream} is not in [0, 2**31)")
     if x.is_cuda:
         require_triton()
         # NB: Triton launches on the current device; contiguous() is a no-op on what the codecs
-        # pass (a dense tensor's memory-order view, a fresh draw)
+        # pass (a dense tensor's memory-order view)
         with torch.cuda.device(x.device):
-            return launch_encode(encode_kernel(), x.contiguous(), None if r is None else r.contiguous(),
-                                 bits, group, clamp)
-    return tuple(t.contiguous() for t in _reference(x, r, bits, group, clamp))
+            return launch_encode(encode_kernel(), x.contiguous(), seed, stream, bits, group, clamp)
+    return tuple(t.contiguous() for t in _reference(x, seed, stream, bits, group, clamp))
 
 
 @affine_encode.register_fake
-def _(x, r, bits, group, clamp):
+def _(x, seed, stream, bits, group, clamp):
     n_groups, n_bytes = _shapes(x.numel(), bits, group)
     return (x.new_empty(n_bytes, dtype=torch.uint8), x.new_empty(n_groups, 1, 1, dtype=torch.float32),
             x.new_empty(n_groups, 1, 1, dtype=torch.float32))

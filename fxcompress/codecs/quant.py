@@ -259,11 +259,11 @@ class GroupAffine(Codec):
 
 def _kernel_encode(codec: GroupAffine, x: torch.Tensor, clamp: float | None) -> tuple[torch.Tensor, ...]:
     """``codec``'s encoding (``clamp``: :class:`ClampedAffine`'s ``c``) as one ``fxcompress.affine_encode`` node."""
-    from . import kernels  # noqa: F401  (registers the op)
+    from . import kernels  # NB: imported here, where the op is first used (it registers the op)
 
-    r = codec._draw(x)
-    return torch.ops.fxcompress.affine_encode(
-        codec.layout.flatten(x), None if r is None else r.view(-1), codec.bits, codec.group, clamp)
+    # NB: stream 0 and a seed of its own; the rewrite gives a graph's encoders one seed and streams apart
+    seed = kernels.new_seed(x.device) if codec.stochastic else None
+    return torch.ops.fxcompress.affine_encode(codec.layout.flatten(x), seed, 0, codec.bits, codec.group, clamp)
 
 
 @dataclasses.dataclass(frozen=True)

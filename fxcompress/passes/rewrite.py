@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from ..codecs.base import Layout
+from ..codecs.kernels import share_seed
 from ..errors import InternalError
 from ..ir import META_KEY, CodecPlan, Program, SavedTensor
 from .select import view_chain
@@ -119,6 +120,7 @@ def rewrite_saved_tensors(
                      decompositions)
         saved_outputs[saved.index] = []
 
+    share_seed(fw.graph)  # encoders="triton": one seed for the graph's draws
     rest = outputs[n_user + len(program.saved):]
     new_saved = [n for parts in saved_outputs for n in parts]
     fw_out.args = (tuple(outputs[:n_user] + new_saved + rest),)
