@@ -238,14 +238,23 @@ def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
 
 
 def run_child(cmd: list[str], label: str, timeout: float | None = None) -> dict | None:
-    """Run one measurement in a fresh process; its ``RESULT {json}`` line, or None (reported) on failure."""
-    import sys
+    """Run one measurement in a fresh process; its ``RESULT {json}`` line, or None (reported) on failure.
 
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"{label} TIMED OUT after {timeout:.0f} s", file=sys.stderr)
-        return None
+    The process starts with empty compile caches (Inductor's and Triton's, in a temporary
+    directory removed after it): every variant compiles cold, as a user's first run does, and
+    none is served kernels that another variant compiled (until 2026-12-01 they were shared).
+    """
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fxcompress-bench-cache-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
+               "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            print(f"{label} TIMED OUT after {timeout:.0f} s", file=sys.stderr)
+            return None
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         print(f"{label} FAILED:\n{out.stderr[-4000:]}", file=sys.stderr)

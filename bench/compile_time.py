@@ -1,35 +1,58 @@
-"""Where compile time goes: the first training step, and the part of it fxcompress's own passes take.
+"""What the first training step costs to compile, cold, and fxcompress's own share of it.
 
-    python bench/compile_time.py --models resnet transformer --codecs none int4
-    python bench/compile_time.py --models resnet50 --batch 8 --codecs none int4   # needs torchvision
+    python bench/compile_time.py --device cuda --models resnet50 --variants plain int4 int4/triton   # a GPU
+    python bench/compile_time.py --codegen triton --models resnet50 --batch 8 --repeat 3 \\
+        --variants plain int4 int4/triton          # the CPU proxy (needs Triton, no GPU)
+    python bench/compile_time.py --backend eager --models resnet transformer --variants none int4
 
-Each (model, codec) runs in a fresh process on the eager backend (so Inductor's
-code generation is not part of it) and reports the first step's wall time and
-the seconds spent inside fxcompress's partitioner (PyTorch's partitioner, then
-fxcompress's plan and rewrite), with the number of codec traces made and reused.
+Each (model, variant) runs ``--repeat`` times, each in a fresh process with empty compile
+caches (Inductor's and Triton's: ``common.run_child``), so every run compiles everything, as
+a user's first run does. A run times the first training step (forward and backward: capture,
+partitioning, fxcompress's rewrite, Inductor's lowering and code generation, and on a device
+Triton's compilation and one run) and, inside it, fxcompress's partitioner (PyTorch's own
+partitioner, then fxcompress's plan and rewrite; 0 for ``plain``). The table shows the median
+of the runs and its ratio to ``plain``'s (issue 6's target: at most 1.3x ``torch.compile``).
+
+- ``--backend inductor`` (default): ``plain`` is ``torch.compile``; other variants are
+  ``fxcompress.compile(..., backend="inductor")`` with ``common.compress_config``'s specs
+  (``int4``, ``int4/triton``, ``ara+int4``, ...). bf16 autocast where a GPU would use it.
+- ``--codegen triton``: Inductor generates Triton kernels for the CPU and compiles none
+  (``traffic.triton_codegen_only``), the forward's first launch ends the step: the CPU
+  proxy of a GPU compile without Triton's own compile time, which only a device measures.
+- ``--backend eager``: fxcompress's eager backend (no code generation; ``plain`` is
+  ``aot_eager``); the step runs, so it includes the codecs' unfused eager ops.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
 
 import fxcompress  # noqa: E402
-from common import build, run_child  # noqa: E402
+from common import build, compress_config, open_results, put_result, run_child  # noqa: E402
 
 
-def run_one(model: str, codec: str, batch: int | None) -> dict:
+def run_one(model: str, variant: str, backend: str, codegen: str, device: str, batch: int | None) -> dict:
+    """One cold first step, in this (fresh) process."""
+    import traffic
     from fxcompress import capture
     from fxcompress.passes import splice
 
-    work = build(model, "cpu", batch)
-    cm = fxcompress.compile(work.model, fxcompress.CompressConfig(codec=codec), backend="eager")
+    work = build(model, device, batch)
+    if variant == "plain":
+        module = torch.compile(work.model, backend="inductor" if backend == "inductor" else "aot_eager")
+    else:
+        config = compress_config(variant, work.ara_stride, work.asa_layers)
+        module = fxcompress.compile(work.model, config, backend=backend)
     spent = [0.0]
     original = capture.Partitioner.__call__
 
@@ -41,31 +64,66 @@ def run_one(model: str, codec: str, batch: int | None) -> dict:
             spent[0] += time.perf_counter() - t
 
     capture.Partitioner.__call__ = timed
-    t0 = time.perf_counter()
-    work.loss_fn(cm(*work.inputs)).backward()
-    first = time.perf_counter() - t0
-    return {"model": model, "codec": codec, "first_step_s": first, "partitioner_s": spent[0],
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                              enabled=cuda or codegen == "triton")
+    proxy = traffic.triton_codegen_only() if codegen == "triton" else contextlib.nullcontext()
+    started = time.perf_counter()
+    try:
+        with proxy, autocast:
+            work.loss_fn(module(*work.inputs)).backward()
+        if cuda:
+            torch.cuda.synchronize()
+    except traffic._NotRun:  # NB: the proxy's first kernel launch, after both graphs were generated
+        pass
+    first = time.perf_counter() - started
+    return {"first_step_s": first, "partitioner_s": spent[0],
             "traces": splice.TRACE_COUNTS["made"], "traces_reused": splice.TRACE_COUNTS["reused"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
     p.add_argument("--models", nargs="+", default=["resnet", "transformer"])
-    p.add_argument("--codecs", nargs="+", default=["none", "int4"])
+    p.add_argument("--variants", nargs="+", default=["plain", "int4", "int4/triton"])
+    p.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
+    p.add_argument("--codegen", choices=["run", "triton"], default="run",
+                   help="run: compile (on a device, Triton too) and run; triton: the CPU proxy, generated only")
     p.add_argument("--batch", type=int)
+    p.add_argument("--repeat", type=int, default=1, help="cold runs per variant (the median is shown)")
+    p.add_argument("--timeout", type=float, help="seconds per run")
+    p.add_argument("--out", help="results JSON to add rows to (key 'compile_time')")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.codegen == "triton" and (args.device != "cpu" or args.backend != "inductor"):
+        p.error("--codegen triton is Inductor's code generation for the CPU: --backend inductor --device cpu")
     if args.one:
-        print("RESULT " + json.dumps(run_one(*args.one, args.batch)), flush=True)
+        print("RESULT " + json.dumps(run_one(*args.one, args.backend, args.codegen, args.device, args.batch)), flush=True)
         return
-    print(f"{'model':<12} {'codec':<9} {'first step s':>12} {'partitioner s':>13} {'traces':>7} {'reused':>7}")
+    results = open_results(args.out, "compile_time", args.device, " ".join(["python", *sys.argv]))
+    print(f"{'model':<12} {'variant':<14} {'first step s':>12} {'x plain':>8} {'partitioner s':>13} "
+          f"{'traces':>7} {'reused':>7}  runs")
     for model in args.models:
-        for codec in args.codecs:
-            cmd = [sys.executable, __file__, "--one", model, codec] + (["--batch", str(args.batch)] if args.batch else [])
-            r = run_child(cmd, f"{model} / {codec}")
-            if r:
-                print(f"{model:<12} {codec:<9} {r['first_step_s']:>12.1f} {r['partitioner_s']:>13.1f} "
-                      f"{r['traces']:>7} {r['traces_reused']:>7}", flush=True)
+        plain = None
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--one", model, variant, "--backend", args.backend,
+                   "--codegen", args.codegen, "--device", args.device]
+            cmd += ["--batch", str(args.batch)] if args.batch else []
+            runs = [r for r in (run_child(cmd, f"{model} / {variant}", args.timeout) for _ in range(args.repeat)) if r]
+            if not runs:
+                continue
+            first = statistics.median(r["first_step_s"] for r in runs)
+            plain = first if variant == "plain" else plain
+            row = {"model": model, "variant": variant, "batch": args.batch, "backend": args.backend,
+                   "codegen": args.codegen, "first_step_s": first,
+                   "partitioner_s": statistics.median(r["partitioner_s"] for r in runs),
+                   "runs_s": [r["first_step_s"] for r in runs], "traces": runs[0]["traces"],
+                   "traces_reused": runs[0]["traces_reused"]}
+            ratio = f"{first / plain:>8.2f}" if plain else f"{'':>8}"
+            print(f"{model:<12} {variant:<14} {first:>12.1f} {ratio} {row['partitioner_s']:>13.1f} "
+                  f"{row['traces']:>7} {row['traces_reused']:>7}  {', '.join(f'{s:.1f}' for s in row['runs_s'])}",
+                  flush=True)
+            put_result(args.out, results, "compile_time", row, ("model", "variant", "batch", "backend", "codegen"))
 
 
 if __name__ == "__main__":
