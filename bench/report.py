@@ -9,7 +9,7 @@ benchmarks (``bench/bench_step.py``) with the issue's targets checked,
 predicted against measured peaks (``bench/peak.py``), the memory traffic of
 Inductor's kernels by role (``bench/traffic.py``), the short CPU fidelity
 runs (``bench/fidelity.py``) and the long ones with their curves
-(``bench/fidelity_suite.py``).
+(``bench/fidelity_suite.py``), and cold compile times (``bench/compile_time.py``).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def render(results_dir: pathlib.Path = RESULTS) -> str:
     parts += [_peak(p, d) for p, d in files if "peak" in d]
     parts += [_saved(p, d) for p, d in files if "saved" in d]
     parts += [_traffic(p, d) for p, d in files if "traffic" in d]
+    parts += [_compile_time(p, d) for p, d in files if "compile_time" in d]
     parts += [_curves(p, d) for p, d in files if "curves" in d]
     parts += [_fidelity(p, d) for p, d in files if "fidelity" in d]
     return "\n\n".join(parts)
@@ -232,6 +233,32 @@ def _traffic(path: pathlib.Path, data: dict) -> str:
             parts = ", ".join(f"{role} {ms:.2f}" + (f" ({r['gb_s'][role]:,.0f})" if role in r["gb_s"] else "")
                               for role, ms in r["ms"].items())
             lines.append(f"| {model} | {batch} | {variant} | {r['pass']} | {sum(r['ms'].values()):.2f} | {parts} |")
+    return "\n".join(lines)
+
+
+def _compile_time(path: pathlib.Path, data: dict) -> str:
+    rows = data["compile_time"]
+    proxy = any(r["codegen"] == "triton" for r in rows)
+    what = (" (the CPU proxy: Inductor generates Triton kernels for the CPU and compiles none, so Triton's "
+            "own compile time, which only a device measures, is not in it)" if proxy else "")
+    lines = [
+        f"Compile time{what}: the first training step, cold (each run a fresh process with empty Inductor "
+        f"and Triton caches), median of the runs; `fxcompress s` is the time of fxcompress's own passes in it "
+        f"(`{path.name}`, {_where(data['environment'])}; {_commands(data)}). Target (issue 6): at most "
+        f"{COMPILE_TARGET}× `torch.compile`'s:",
+        "",
+        "| model | batch | backend | variant | first step s | × plain | fxcompress s | runs s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    plain = {(r["model"], r["batch"], r["backend"], r["codegen"]): r["first_step_s"]
+             for r in rows if r["variant"] == "plain"}
+    for r in rows:
+        base = plain.get((r["model"], r["batch"], r["backend"], r["codegen"]))
+        ratio = f"{r['first_step_s'] / base:.2f}" if base else "–"
+        backend = r["backend"] + (" (Triton proxy)" if r["codegen"] == "triton" else "")
+        runs = ", ".join(f"{s:.1f}" for s in r["runs_s"])
+        lines.append(f"| {r['model']} | {r['batch'] or 'default'} | {backend} | {r['variant']} | "
+                     f"{r['first_step_s']:.1f} | {ratio} | {r['fxcompress_s']:.1f} | {runs} |")
     return "\n".join(lines)
 
 

@@ -209,3 +209,36 @@ def test_a_results_row_with_its_commit_reads_back_as_a_measurement(monkeypatch):
     put_result(None, data, "results", row, same=("model", "variant", "batch"))
     assert data["results"][0]["commit"] == "abc1234"
     assert Measurement.of(data["results"][0]) == Measurement(**row)
+
+
+def test_a_child_measurement_compiles_with_empty_caches_of_its_own():
+    import os
+
+    from common import run_child
+
+    code = "import json, os; print('RESULT ' + json.dumps([os.environ[k] for k in ('TORCHINDUCTOR_CACHE_DIR', 'TRITON_CACHE_DIR')]))"
+    first = run_child([sys.executable, "-c", code], "cache dirs")
+    second = run_child([sys.executable, "-c", code], "cache dirs")
+    assert not set(first) & set(second)  # a directory per child ...
+    assert not any(os.path.exists(os.path.dirname(d)) for d in first + second)  # ... removed after it
+
+
+def test_compile_time_gives_the_median_of_cold_runs_beside_plain(tmp_path):
+    import json
+    import statistics
+    import subprocess
+
+    out = tmp_path / "compile_time.json"
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "compile_time.py"
+    done = subprocess.run([sys.executable, str(script), "--backend", "eager", "--models", "mlp", "--variants", "plain",
+                           "int4", "--repeat", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["compile_time"]}
+    runs = rows["int4"]["runs_s"]
+    assert len(runs) == 2 and rows["int4"]["first_step_s"] == statistics.median(runs)
+    assert rows["plain"]["fxcompress_s"] == 0 < rows["int4"]["fxcompress_s"] and rows["int4"]["traces"] > 0
+    section = report._compile_time(out, data)
+    ratio = rows["int4"]["first_step_s"] / rows["plain"]["first_step_s"]
+    assert f"| mlp | default | eager | int4 | {rows['int4']['first_step_s']:.1f} | {ratio:.2f} |" in section
+    assert "at most 1.3×" in section
