@@ -115,7 +115,18 @@ def _slices(g: torch.Tensor) -> list[torch.Tensor]:
 
 def _ungroup(layout: Layout, groups: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_groups`: ``(n_groups, group // per_byte, per_byte)`` back to ``layout``."""
-    flat = groups.transpose(1, 2).reshape(-1)
+    return _unflatten(layout, groups.transpose(1, 2).reshape(-1))
+
+
+def _unplace(layout: Layout, places: torch.Tensor) -> torch.Tensor:
+    """Decoded codes in the order :meth:`GroupAffine._unpack` gives them, ``(n_groups, per_byte,
+    group // per_byte)``, back to ``layout``: that order is the elements' (``[k, j, b]`` is element
+    ``j * (group // per_byte) + b`` of group ``k``), so a reshape, with no view that undoes another."""
+    return _unflatten(layout, places.reshape(-1))
+
+
+def _unflatten(layout: Layout, flat: torch.Tensor) -> torch.Tensor:
+    """Memory-order elements, the last group's padding included, as ``layout``."""
     if flat.numel() != layout.numel:
         flat = flat[: layout.numel]
     return layout.unflatten(flat.to(layout.dtype))
@@ -189,7 +200,7 @@ class GroupAffine(Codec):
         return torch.rand(_n_groups(self.layout, self.group), 1, 1, dtype=torch.float32, device=x.device)
 
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return _ungroup(self.layout, self._values(self._unpack(packed, lo), lo, scale))
+        return _unplace(self.layout, self._values(self._unpack(packed, lo), lo, scale))
 
     def _codes(self, g: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Per group ``lo``, ``hi``, ``scale``, and the codes of ``g`` as float, before clamping, per code slice."""
@@ -219,13 +230,14 @@ class GroupAffine(Codec):
         return pack_slices([(c.clamp(0, self.levels) if clamp else c).to(torch.uint8) for c in codes], self.bits)
 
     def _unpack(self, packed: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        """The codes in :func:`_groups`' layout, ``(n_groups, group // per_byte, per_byte)``.
+        """The codes as ``(n_groups, per_byte, group // per_byte)``, ``[k, j, b]`` the code at bit
+        offset ``bits * j`` of group ``k``'s byte ``b``: the elements' order (:func:`_unplace`).
 
-        NB: unpacked in the groups' element order and seen through the transpose, so that
-        :func:`_ungroup` flattens the decoded values without a copy (on the eager backend).
+        NB: not seen through :func:`_groups`' transpose, which :func:`_ungroup` would undo: each
+        view is a reindexing that Inductor composes and simplifies again in every kernel a
+        decoder is inlined into (most are, in the backward).
         """
-        codes = unpack_slices(packed.view(lo.numel(), self.group // self.per_byte), self.bits)  # [group, place, byte]
-        return codes.transpose(1, 2)
+        return unpack_slices(packed.view(lo.numel(), self.group // self.per_byte), self.bits)
 
     @staticmethod
     def _values(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -398,8 +410,8 @@ class SplitAffine(Codec):
         inner = self.inner
         codes = inner._unpack(packed, lo)
         want = self._swap(codes.to(torch.int16) <= split)  # the predicate's truth
-        q = _ungroup(inner.layout, inner._values(codes, lo, scale))
-        return self.predicate.restore(q, _ungroup(dataclasses.replace(inner.layout, dtype=torch.bool), want), self.near)
+        q = _unplace(inner.layout, inner._values(codes, lo, scale))
+        return self.predicate.restore(q, _unplace(dataclasses.replace(inner.layout, dtype=torch.bool), want), self.near)
 
     def _swap(self, side: torch.Tensor) -> torch.Tensor:
         """The predicate's truth to "on the low side of ``c``", and back: flipped for ``ge``/``gt``."""
@@ -480,10 +492,10 @@ class ClampedAffine(Codec):
         clamped = codes == 0
         values = inner._values(codes.float() - 1, lo, scale)
         c = torch.scalar_tensor(self.predicate.consts[0], dtype=values.dtype, device=values.device)
-        q = _ungroup(inner.layout, torch.where(clamped, c, values))
+        q = _unplace(inner.layout, torch.where(clamped, c, values))
         # NB: a grid value rounds to c only below fp32's normal range (``lo * 0.5`` underflowing);
         # the restore keeps the predicate exact there too, fused into the same pass.
-        return self.predicate.restore(q, _ungroup(dataclasses.replace(inner.layout, dtype=torch.bool), clamped), self.near)
+        return self.predicate.restore(q, _unplace(dataclasses.replace(inner.layout, dtype=torch.bool), clamped), self.near)
 
     def _grid(self, g: torch.Tensor, clamped: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per group ``lo`` (least value above ``c``), ``hi`` and ``scale``; a group of ``c`` alone gets ``lo = hi``."""
