@@ -410,8 +410,8 @@ class SplitAffine(Codec):
         inner = self.inner
         codes = inner._unpack(packed, lo)
         want = self._swap(codes.to(torch.int16) <= split)  # the predicate's truth
-        q = _unplace(inner.layout, inner._values(codes, lo, scale))
-        return self.predicate.restore(q, _unplace(dataclasses.replace(inner.layout, dtype=torch.bool), want), self.near)
+        q = inner._values(codes, lo, scale).to(inner.layout.dtype)
+        return _unplace(inner.layout, self.predicate.restore(q, want, self.near))  # NB: one view chain, at the end
 
     def _swap(self, side: torch.Tensor) -> torch.Tensor:
         """The predicate's truth to "on the low side of ``c``", and back: flipped for ``ge``/``gt``."""
@@ -492,10 +492,11 @@ class ClampedAffine(Codec):
         clamped = codes == 0
         values = inner._values(codes.float() - 1, lo, scale)
         c = torch.scalar_tensor(self.predicate.consts[0], dtype=values.dtype, device=values.device)
-        q = _unplace(inner.layout, torch.where(clamped, c, values))
+        q = torch.where(clamped, c, values).to(inner.layout.dtype)
         # NB: a grid value rounds to c only below fp32's normal range (``lo * 0.5`` underflowing);
-        # the restore keeps the predicate exact there too, fused into the same pass.
-        return self.predicate.restore(q, _unplace(dataclasses.replace(inner.layout, dtype=torch.bool), clamped), self.near)
+        # the restore keeps the predicate exact there too, fused into the same pass. Elementwise,
+        # so in the codes' order, and the values and the mask reach the layout through one view chain.
+        return _unplace(inner.layout, self.predicate.restore(q, clamped, self.near))
 
     def _grid(self, g: torch.Tensor, clamped: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per group ``lo`` (least value above ``c``), ``hi`` and ``scale``; a group of ``c`` alone gets ``lo = hi``."""
