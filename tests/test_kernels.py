@@ -262,8 +262,30 @@ def test_the_kernel_compiles_for_a_gpu_to_vector_loads_and_exact_arithmetic(bits
     names = list(signature)
     source = ASTSource(fn=affine_encode_kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5, 6, 7)})  # as Triton does
+                       attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5, 6)})  # pointers and n
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=kernels._NO_FMA).asm["ptx"]
     assert "ld.global.v4.b32" in ptx  # 8 bf16 per load
     assert ptx.count("ld.global.b16") <= 1  # only the last element, the padding's value
     assert "div.rn.f32" in ptx and "div.full" not in ptx and "fma." not in ptx
+
+
+def test_one_compile_serves_every_encoder_of_a_codec():
+    """Triton compiles a kernel per specialization of its arguments; a graph's encoders differ in
+    their stream and sizes, and a step's first launches would compile each class cold (12 compiles
+    for ResNet-50's int4 before ``do_not_specialize``). Keys computed as Triton's launcher does."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import create_function_from_signature
+
+    from fxcompress.codecs._triton_encode import affine_encode_kernel as kernel
+
+    bind = create_function_from_signature(kernel.signature, kernel.params, BaseBackend)
+    x, seed = torch.empty(64, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int64)
+    keys = {}
+    for clamp in (None, 0.0):
+        constants = kernels._launch_constants(4, 256, clamp, torch.bfloat16, True)
+        for stream in range(40):
+            for n in (4096, 100352, 802816, 256 * 17):  # group counts of every class: 16, 392, 3136, 17
+                _, spec, _ = bind(x, seed, stream, x, x, x, n, n // 256, **constants)
+                keys.setdefault(clamp, set()).add(str(spec))
+    assert {clamp: len(k) for clamp, k in keys.items()} == {None: 1, 0.0: 1}

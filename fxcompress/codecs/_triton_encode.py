@@ -26,7 +26,7 @@ def _draws(seed_ptr, stream, g, ROUNDS: tl.constexpr):
     k0 = seed.to(tl.uint32)  # NB: the low word (a truncation)
     k1 = (seed >> 32).to(tl.uint32)
     c0 = g.to(tl.uint32)
-    c1 = c0 * 0 + stream  # NB: not stream.to(): Triton passes a 1 as a constant
+    c1 = c0 * 0 + stream
     c2 = c0 * 0
     c3 = c2
     for _ in tl.static_range(ROUNDS):
@@ -43,7 +43,12 @@ def _draws(seed_ptr, stream, g, ROUNDS: tl.constexpr):
     return (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
-@triton.jit
+# NB: Triton compiles a kernel once per "specialization" of its integer arguments (== 1, or a multiple
+# of 16), for each value class it meets. The encoder's stream (one per encoder of a graph) and group
+# count would make six compiles of each codec's kernel where one does: cold, serially, at a step's
+# first launch. ``n`` stays specialized: its multiple of 16 proves the loads' masks constant over
+# vector runs (tests/test_kernels.py).
+@triton.jit(do_not_specialize=["stream", "n_groups"])
 def affine_encode_kernel(
     x_ptr, seed_ptr, stream, packed_ptr, lo_ptr, scale_ptr, n, n_groups,
     GROUP: tl.constexpr, BITS: tl.constexpr, BYTES: tl.constexpr, BYTES_P2: tl.constexpr,
