@@ -118,7 +118,9 @@ class CompressConfig:
             ``fxcompress.affine_encode`` op, one hand-written Triton kernel on
             CUDA (the same codes, in one pass over the tensor, and nothing
             for Inductor to compile; see ``fxcompress/codecs/kernels.py``);
-            on other devices the op runs the aten code.
+            on other devices the op runs the aten code. Stochastic rounding's
+            draws are then made inside the kernel: other numbers than the
+            aten path's, as unbiased, and reproducible under ``torch.manual_seed``.
         fp8_format: ``"e4m3"`` (default, more precision) or ``"e5m2"`` (more range).
         blpa_fallback: with ``blpa8``/``blpa4``, the per-group codec for saved
             tensors that do not feed a batch-norm (``"none"``, the paper's
