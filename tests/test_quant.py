@@ -69,10 +69,11 @@ def test_channels_last_groups_follow_memory_order():
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_stochastic_rounding_is_unbiased(bits):
+@pytest.mark.parametrize("kernel", [False, True], ids=["aten", "triton"])  # the kernel's own draws (test_kernels.py)
+def test_stochastic_rounding_is_unbiased(bits, kernel):
     torch.manual_seed(0)
     x = torch.randn(4096)
-    codec = GroupAffine(Layout.of(x), bits, 256, True)
+    codec = GroupAffine(Layout.of(x), bits, 256, True, kernel=kernel)
     draws = 400
     mean = sum(codec.decode(*codec.encode(x)) for _ in range(draws)) / draws
     scale = codec.max_error(x)  # one quantization step per element
