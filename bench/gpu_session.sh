@@ -60,7 +60,9 @@ run_step() {  # NAME BUDGET_SECONDS COMMAND...: run if BUDGET (or $BUDGET_<NAME>
 python3 -c "import torch, fxcompress; print('[session]', torch.__version__, torch.cuda.get_device_name())" || exit 1
 for s in $STEPS; do
     case $s in
-        # compile times on an H200 (2026-11-30): torch.compile 33 s, int4 111 s, int2 131 s; the step ran 345 s
+        # compile times on an H200 (2026-11-30): torch.compile 33 s, int4 111 s, int2 131 s; the step ran 345 s.
+        # Since 2026-12-01 each variant compiles cold (common.run_child: caches of its own), as
+        # issue 6's compile-time column asks; until then a variant could reuse another's kernels
         step) run_step step 420 python3 bench/bench_step.py --models resnet50 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int4" "fxcompress int4/triton" "fxcompress int2/triton" \
                   --out "bench/results/step_$H.json" ;;
