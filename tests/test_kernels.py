@@ -289,3 +289,19 @@ def test_one_compile_serves_every_encoder_of_a_codec():
                 _, spec, _ = bind(x, seed, stream, x, x, x, n, n // 256, **constants)
                 keys.setdefault(clamp, set()).add(str(spec))
     assert {clamp: len(k) for clamp, k in keys.items()} == {None: 1, 0.0: 1}
+
+
+def test_an_encoder_whose_seed_is_not_its_own_draw_keeps_it():
+    """share_seed merges only seeds that are an encoder's own ``randint``; another keeps its key."""
+    import torch.fx as fx
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    given = graph.placeholder("seed")  # say, a decomposition's
+    drawn = [graph.call_function(torch.ops.aten.randint.low, (0, kernels.SEED_BOUND, [1])) for _ in range(2)]
+    seeds = [drawn[0], given, drawn[1]]
+    encoders = [graph.call_function(ENCODE, (x, seed, 0, 4, 256, None)) for seed in seeds]
+    graph.output(tuple(encoders))
+    kernels.share_seed(graph)
+    assert [(e.args[1], e.args[2]) for e in encoders] == [(drawn[0], 0), (given, 0), (drawn[0], 1)]
+    assert drawn[1] not in graph.nodes

@@ -57,7 +57,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..errors import InternalError, UnsupportedError
+from ..errors import UnsupportedError
 from .base import Layout
 from .quant import _MIN_SCALE, _PHI, ClampedAffine, GroupAffine
 from .uses import Predicate
@@ -163,17 +163,23 @@ def share_seed(graph: fx.Graph) -> None:
 
     Each encoder is traced with a seed of its own (:func:`new_seed`): under
     Inductor each would be a kernel. The first encoder's seed comes before
-    every encoder, so all read it, and the others' seeds are erased.
+    every encoder, so all read it, and the others' seeds are erased. An
+    encoder whose seed is not such a draw (a decomposition table that
+    rewrote ``randint``) keeps it, with stream 0: a key of its own, so its
+    counters still collide with no other encoder's; only the saving is lost.
     """
     op = torch.ops.fxcompress.affine_encode.default
-    encoders = [n for n in graph.nodes if n.target is op and n.args[1] is not None]
+
+    def own_draw(node: fx.Node) -> bool:
+        seed = node.args[1]
+        return seed is not None and seed.target is torch.ops.aten.randint.low and len(seed.users) == 1
+
+    encoders = [n for n in graph.nodes if n.target is op and own_draw(n)]
     if not encoders:
         return
     shared = encoders[0].args[1]
     for stream, node in enumerate(encoders):
         own = node.args[1]
-        if own.target is not torch.ops.aten.randint.low or len(own.users) != 1:
-            raise InternalError(f"{node.name} reads a seed fxcompress did not draw: {own.format_node()}")
         node.update_arg(1, shared)
         node.update_arg(2, stream)
         if own is not shared:
