@@ -10,7 +10,8 @@ caches (Inductor's and Triton's: ``common.run_child``), so every run compiles ev
 a user's first run does. A run times the first training step (forward and backward: capture,
 partitioning, fxcompress's rewrite, Inductor's lowering and code generation, and on a device
 Triton's compilation and one run) and, inside it, fxcompress's own passes (its partitioner's
-time less PyTorch's partitioner's, which it calls and ``plain`` runs too; 0 for ``plain``). The
+time less PyTorch's partitioner's, which it calls and ``plain`` runs too; 0 for ``plain``) and
+Inductor's compile of the forward graph and of the backward graph (Dynamo's own timers). The
 table shows the medians of the runs and the first step's ratio to ``plain``'s (issue 6's
 target: at most 1.3x ``torch.compile``).
 
@@ -81,8 +82,22 @@ def run_one(model: str, variant: str, backend: str, codegen: str, device: str, b
     except traffic._NotRun:  # NB: the proxy's first kernel launch, after both graphs were generated
         pass
     first = time.perf_counter() - started
+    forward_s, backward_s = _inductor_graphs_s()
     return {"first_step_s": first, "fxcompress_s": spent["partitioner"] - spent["base"],
+            "inductor_forward_s": forward_s, "inductor_backward_s": backward_s,
             "traces": splice.TRACE_COUNTS["made"], "traces_reused": splice.TRACE_COUNTS["reused"]}
+
+
+def _inductor_graphs_s() -> tuple[float | None, float | None]:
+    """Inductor's compile of the forward graph and of the backward graph, in seconds (Dynamo's own
+    timing of ``compile_fx_inner``, one entry per graph; ``None`` where it has none: the eager backend)."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv")
+    if "compile_fx_inner" not in names:
+        return None, None
+    per_graph = [float(v) for v in values[names.index("compile_fx_inner")].split(",")]
+    return (per_graph + [None, None])[:2] if len(per_graph) == 2 else (None, None)
 
 
 def main() -> None:
@@ -106,7 +121,7 @@ def main() -> None:
         return
     results = open_results(args.out, "compile_time", args.device, " ".join(["python", *sys.argv]))
     print(f"{'model':<12} {'variant':<14} {'first step s':>12} {'x plain':>8} {'fxcompress s':>12} "
-          f"{'traces':>7} {'reused':>7}  runs")
+          f"{'inductor fw / bw s':>18} {'traces':>7} {'reused':>7}  runs")
     for model in args.models:
         plain = None
         for variant in args.variants:
@@ -121,13 +136,25 @@ def main() -> None:
             row = {"model": model, "variant": variant, "batch": args.batch, "backend": args.backend,
                    "codegen": args.codegen, "first_step_s": first,
                    "fxcompress_s": statistics.median(r["fxcompress_s"] for r in runs),
+                   "inductor_s": _medians(runs, "inductor_forward_s", "inductor_backward_s"),
                    "runs_s": [r["first_step_s"] for r in runs], "traces": runs[0]["traces"],
                    "traces_reused": runs[0]["traces_reused"]}
             ratio = f"{first / plain:>8.2f}" if plain else f"{'':>8}"
             print(f"{model:<12} {variant:<14} {first:>12.1f} {ratio} {row['fxcompress_s']:>12.1f} "
-                  f"{row['traces']:>7} {row['traces_reused']:>7}  {', '.join(f'{s:.1f}' for s in row['runs_s'])}",
-                  flush=True)
+                  f"{_pair(row['inductor_s']):>18} {row['traces']:>7} {row['traces_reused']:>7}  "
+                  f"{', '.join(f'{s:.1f}' for s in row['runs_s'])}", flush=True)
             put_result(args.out, results, "compile_time", row, ("model", "variant", "batch", "backend", "codegen"))
+
+
+def _medians(runs: list[dict], *keys: str) -> list[float] | None:
+    """Per key, the median over the runs; ``None`` if a run lacks it."""
+    if any(r[k] is None for r in runs for k in keys):
+        return None
+    return [statistics.median(r[k] for r in runs) for k in keys]
+
+
+def _pair(values: list[float] | None) -> str:
+    return "–" if values is None else " / ".join(f"{v:.1f}" for v in values)
 
 
 if __name__ == "__main__":

@@ -243,12 +243,13 @@ def _compile_time(path: pathlib.Path, data: dict) -> str:
             "own compile time, which only a device measures, is not in it)" if proxy else "")
     lines = [
         f"Compile time{what}: the first training step, cold (each run a fresh process with empty Inductor "
-        f"and Triton caches), median of the runs; `fxcompress s` is the time of fxcompress's own passes in it "
+        f"and Triton caches), median of the runs; `fxcompress s` is the time of fxcompress's own passes in it, "
+        f"`Inductor fw / bw s` Inductor's compile of the forward and of the backward graph "
         f"(`{path.name}`, {_where(data['environment'])}; {_commands(data)}). Target (issue 6): at most "
         f"{COMPILE_TARGET}× `torch.compile`'s:",
         "",
-        "| model | batch | backend | variant | first step s | × plain | fxcompress s | runs s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | backend | variant | first step s | × plain | fxcompress s | Inductor fw / bw s | runs s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     plain = {(r["model"], r["batch"], r["backend"], r["codegen"]): r["first_step_s"]
              for r in rows if r["variant"] == "plain"}
@@ -257,8 +258,9 @@ def _compile_time(path: pathlib.Path, data: dict) -> str:
         ratio = f"{r['first_step_s'] / base:.2f}" if base else "–"
         backend = r["backend"] + (" (Triton proxy)" if r["codegen"] == "triton" else "")
         runs = ", ".join(f"{s:.1f}" for s in r["runs_s"])
+        graphs = " / ".join(f"{v:.1f}" for v in r["inductor_s"]) if r.get("inductor_s") else "–"
         lines.append(f"| {r['model']} | {r['batch'] or 'default'} | {backend} | {r['variant']} | "
-                     f"{r['first_step_s']:.1f} | {ratio} | {r['fxcompress_s']:.1f} | {runs} |")
+                     f"{r['first_step_s']:.1f} | {ratio} | {r['fxcompress_s']:.1f} | {graphs} | {runs} |")
     return "\n".join(lines)
 
 
