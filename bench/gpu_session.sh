@@ -33,13 +33,15 @@
 #   step     issue 3's targets: ResNet-50 batch 256 bf16, torch.compile vs fxcompress int4, and
 #            int4 and int2 with encoders="triton" (int2 with aten encoders: 0.72x at 724dc3b)
 #   blpa     ResNet-50 blpa4 and int8 beside the rows of `step` (issue 3's table)
+#   compile  issue 6's compile time, cold: ResNet-50 plain, int4, int4/triton, with Inductor's forward
+#            and backward compile and fxcompress's own seconds (bench/compile_time.py)
 #   gpt2     GPT-2 small 16 x 1024: torch.compile vs lossless/int8/int4 (issues 2 and 6)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-step tests encoders predict traffic blpa gpt2 peak}
+STEPS=${STEPS:-step tests encoders predict traffic compile blpa gpt2 peak}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -86,7 +88,11 @@ for s in $STEPS; do
                   --variants "fxcompress blpa4" "fxcompress int8" --out "bench/results/step_$H.json" ;;
         gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int8" "fxcompress int4" --out "bench/results/step_$H.json" ;;
-        *) echo "[session] unknown step $s (known: tests predict encoders step traffic blpa gpt2 peak)"; exit 2 ;;
+        # cold compile times with Inductor's forward/backward split and fxcompress's share (the CPU
+        # proxy: int4/triton 1.33x plain, the decoders +7.9 s in the backward; Triton's own compile only here)
+        compile) run_step compile 300 python3 bench/compile_time.py --device cuda --models resnet50 --batch 64 \
+                  --variants plain int4 int4/triton --out "bench/results/compile_time_$H.json" ;;
+        *) echo "[session] unknown step $s (known: tests predict encoders step traffic blpa gpt2 peak compile)"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start)) s; results in $OUT/bench/results"
