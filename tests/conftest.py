@@ -53,6 +53,12 @@ def assert_grads_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"gradient of {k} differs: max |d| = {(a[k] - b[k]).abs().max()}"
 
 
+def grads_cosine(a: dict, b: dict) -> float:
+    """Cosine similarity of two gradient dicts, all parameters as one vector."""
+    flat = [torch.cat([d[k].flatten().float() for k in sorted(d)]) for d in (a, b)]
+    return float(torch.nn.functional.cosine_similarity(*flat, dim=0))
+
+
 def assert_grads_close(a: dict, b: dict, rtol=1e-5, atol=1e-6) -> None:
     assert a.keys() == b.keys()
     for k in a:

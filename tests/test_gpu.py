@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import fxcompress
-from conftest import assert_grads_equal, compressed, make_model, train_step
+from conftest import assert_grads_equal, compressed, grads_cosine, make_model, train_step
 from test_quant import _no_dropout
 
 pytestmark = pytest.mark.skipif(
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.skipif(
 def _on_gpu(name: str):
     model, x = make_model(name)
     return _no_dropout(model).cuda(), x.cuda()
-
-
-def _cosine(a: dict, b: dict) -> float:
-    flat = [torch.cat([g.flatten().float() for g in d.values()]) for d in (a, b)]
-    return float(torch.nn.functional.cosine_similarity(*flat, dim=0))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def test_nccl_ddp_lossless_equals_ddp_and_int4_stays_close(nccl, name):
         torch.testing.assert_close(captured["none"].grads[k], g, msg=lambda m: f"{k}: {m}")
     torch._dynamo.reset()
     int4 = train_step(model, x, lambda m: fxcompress.compile(ddp, fxcompress.CompressConfig(codec="int4")))
-    assert _cosine(int4.grads, plain.grads) > 0.99
+    assert grads_cosine(int4.grads, plain.grads) > 0.99
 
 
 @pytest.mark.parametrize("name", ["resnet", "transformer"])
@@ -90,7 +85,7 @@ def test_nccl_fsdp2_over_int4_blocks_stays_close(nccl, name):
 
     exact, int4 = run(None), run("int4")
     assert exact.keys() == int4.keys()
-    assert _cosine(int4, exact) > 0.99
+    assert grads_cosine(int4, exact) > 0.99
 
 
 class _ReLU6Layer(torch.nn.Module):
@@ -152,7 +147,7 @@ def test_a_gpu_step_with_triton_encoders_stays_close_and_reproducible(backend):
     torch._dynamo.reset()
     second = train_step(model, x, compressed("int4", backend, encoders="triton"))
     assert_grads_equal(first.grads, second.grads)
-    assert _cosine(first.grads, aten.grads) > 0.99  # other draws (the kernel's own), the same codec
+    assert grads_cosine(first.grads, aten.grads) > 0.99  # other draws (the kernel's own), the same codec
     torch._dynamo.reset()
     nearest = train_step(model, x, compressed("int4", backend, encoders="triton", stochastic_rounding=False))
     torch._dynamo.reset()

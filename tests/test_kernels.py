@@ -19,7 +19,7 @@ from fxcompress.codecs import Layout, kernels
 from fxcompress.codecs.quant import ClampedAffine, GroupAffine, SplitAffine
 from fxcompress.codecs.uses import Predicate
 from fxcompress.passes import select
-from conftest import assert_grads_close, assert_grads_equal, compressed, make_model, train_step
+from conftest import assert_grads_close, assert_grads_equal, compressed, grads_cosine, make_model, train_step
 
 ENCODE = torch.ops.fxcompress.affine_encode.default
 
@@ -65,7 +65,7 @@ def _interpret_cases(path: str) -> None:
         n = 37 * group + 11  # NB: the last group is padded
         x = _input(n, dtype, clamp)
         seed = kernels.new_seed(x.device) if stochastic else None
-        stream = len(out)  # NB: 1 among them, which Triton passes as a constant
+        stream = len(out)  # a stream per case
         out[str(case)] = (kernels.launch_encode(kernel, x, seed, stream, bits, group, clamp),
                           kernels._reference(x, seed, stream, bits, group, clamp))
     for clamp in (None, 0.0):
@@ -209,7 +209,7 @@ def test_stochastic_kernel_encoders_share_one_seed_per_graph_and_reproduce(backe
     assert_grads_equal(first.grads, second.grads)  # NB: a fresh compile, the same torch.manual_seed
     model, x = make_model(name)
     aten = train_step(model, x, compressed("int4", backend))
-    assert _cosine(first.grads, aten.grads) > 0.99  # other draws, the same codec
+    assert grads_cosine(first.grads, aten.grads) > 0.99  # other draws, the same codec
     model, x = make_model(name)
     other = train_step(model, x, compressed("int4", backend, encoders="triton"), seed=2)
     assert not all(torch.equal(other.grads[k], first.grads[k]) for k in first.grads)  # draws follow the generator
@@ -220,11 +220,6 @@ def test_stochastic_kernel_encoders_share_one_seed_per_graph_and_reproduce(backe
         assert sorted(n.args[2] for n in encoders) == list(range(len(encoders)))  # ... and a stream each
         seeds = [n for n in nodes if n.target is torch.ops.aten.randint.low]
         assert len(seeds) == (1 if backend == "eager" else 0)  # Inductor's seeded ops replace it
-
-
-def _cosine(a: dict, b: dict) -> float:
-    flat = [torch.cat([d[k].flatten() for k in sorted(d)]) for d in (a, b)]
-    return float(torch.nn.functional.cosine_similarity(*flat, dim=0))
 
 
 def test_a_step_with_kernel_encoders_under_inductor():
