@@ -69,15 +69,12 @@ def run_one(model: str, variant: str, backend: str, codegen: str, device: str, b
     call, base = capture.Partitioner.__call__, capture.Partitioner._base
     capture.Partitioner.__call__ = timing(call, "partitioner")
     capture.Partitioner._base = lambda self: timing(base(self), "base")  # PyTorch's partitioner, inside
-    cuda = device.startswith("cuda")
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
-                              enabled=cuda or codegen == "triton")
     proxy = traffic.triton_codegen_only() if codegen == "triton" else contextlib.nullcontext()
     started = time.perf_counter()
     try:
-        with proxy, autocast:
+        with proxy, traffic.step_autocast(device, codegen):
             work.loss_fn(module(*work.inputs)).backward()
-        if cuda:
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
     except traffic._NotRun:  # NB: the proxy's first kernel launch, after both graphs were generated
         pass

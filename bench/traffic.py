@@ -129,6 +129,13 @@ def triton_codegen_only():
             setattr(obj, name, value)
 
 
+def step_autocast(device: str, codegen: str) -> torch.autocast:
+    """bf16 autocast where a GPU step runs it: on a GPU, and for ``--codegen triton`` (Triton's fusion as
+    a GPU sees it); off for the CPU's own code (C++). Also ``compile_time.py``'s."""
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                          enabled=device.startswith("cuda") or codegen == "triton")
+
+
 @contextlib.contextmanager
 def kernel_names(names: dict):
     """While open, ``names[scheduler node name]`` = the name of the kernel Inductor generates
@@ -254,7 +261,7 @@ def traffic(model_name: str, variant: str, device: str, batch: int | None, codeg
                                     backend="inductor")
     GraphLowering.codegen = spy
     cuda = device.startswith("cuda")
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cuda or codegen == "triton")
+    autocast = step_autocast(device, codegen)
     started = time.perf_counter()
     try:
         # NB: C++ kernels appear in the profiler only when compiled with their own ranges

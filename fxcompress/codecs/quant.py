@@ -271,7 +271,7 @@ class GroupAffine(Codec):
 
 def _kernel_encode(codec: GroupAffine, x: torch.Tensor, clamp: float | None) -> tuple[torch.Tensor, ...]:
     """``codec``'s encoding (``clamp``: :class:`ClampedAffine`'s ``c``) as one ``fxcompress.affine_encode`` node."""
-    from . import kernels  # NB: imported here, where the op is first used (it registers the op)
+    from . import kernels  # NB: here, not at the top: kernels imports this module
 
     # NB: stream 0 and a seed of its own; the rewrite gives a graph's encoders one seed and streams apart
     seed = kernels.new_seed(x.device) if codec.stochastic else None
