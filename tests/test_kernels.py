@@ -266,8 +266,8 @@ def test_the_kernel_compiles_for_a_gpu_to_vector_loads_and_exact_arithmetic(bits
 
 def test_one_compile_serves_every_encoder_of_a_codec():
     """Triton compiles a kernel per specialization of its arguments; a graph's encoders differ in
-    their stream and sizes, and a step's first launches would compile each class cold (12 compiles
-    for ResNet-50's int4 before ``do_not_specialize``). Keys computed as Triton's launcher does."""
+    their stream and sizes, and a step's first launches would compile each class cold (6 per codec
+    over these launches without ``do_not_specialize``). Keys computed as Triton's launcher does."""
     pytest.importorskip("triton")
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import create_function_from_signature
