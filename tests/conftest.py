@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxcompress
+from fxcompress.ir import META_KEY
 from fxcompress.models import ZOO
 
 # Bit-for-bit comparisons on CUDA need kernels that give the same bits run to run, with or
@@ -72,3 +73,20 @@ ZOO_NAMES = sorted(ZOO)
 def _fresh_dynamo():
     torch._dynamo.reset()
     yield
+
+
+_PREDICATE_OPS = (torch.ops.aten.le.Scalar, torch.ops.aten.lt.Scalar, torch.ops.aten.ge.Scalar, torch.ops.aten.gt.Scalar)
+
+
+def check_predicate_readers(graph) -> None:
+    """A backward compiled by Inductor: the ReLU-like backwards (decomposed, ``where(le(x, 0), 0, g)``)
+    read a predicate decode of their own, never the decoded values, and each selection they gate
+    is pinned (written once)."""
+    decoded = {n for n in graph.nodes if n.meta.get(META_KEY, {}).get("role") == "decode"}
+    predicates = [n for n in graph.nodes if n.target in _PREDICATE_OPS and n.args[0] in decoded and n not in decoded]
+    assert predicates
+    for p in predicates:
+        others = {u for u in p.args[0].users if u not in decoded} - {p}
+        assert all(u.target in _PREDICATE_OPS for u in others), (p, others)  # a decode for predicates alone
+        for where in (u for u in p.users if u.target is torch.ops.aten.where.self):
+            assert [u.target for u in where.users] == [torch.ops.prims.inductor_force_stride_order.default], where

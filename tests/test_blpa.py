@@ -5,7 +5,7 @@ import torch
 import fxcompress
 from fxcompress.codecs import Layout
 from fxcompress.codecs.blpa import BLPA, BLPARelu
-from conftest import compressed, make_model, train_step
+from conftest import check_predicate_readers, compressed, make_model, train_step
 from test_lossless import _stored_bytes
 from test_quant import _no_dropout
 
@@ -36,6 +36,8 @@ def test_relu_mask_from_code_is_exact(bits, channels_last):
     relu = BLPARelu(codec, x.dtype).decode(*parts)
     assert torch.equal(relu > 0, y > 0)  # the mask, including saturated and gamma <= 0 channels
     assert (relu >= 0).all()
+    alone = BLPARelu(codec, x.dtype).decode_predicate(*parts)  # what Inductor's ReLU backward reads
+    assert torch.equal(alone > 0, y > 0) and alone.stride() == relu.stride() and alone.dtype == relu.dtype
     assert codec.decode(*parts).stride() == x.stride()
 
 
@@ -98,6 +100,8 @@ def test_blpa_on_inductor_finds_the_decomposed_batch_norms():
     assert rows["inductor"].count("blpa4") == rows["eager"].count("blpa4") == 10  # every batch-norm input
     assert rows["inductor"].count("blpa4:relu") >= 4  # each ReLU right after a batch-norm
     assert _stored_bytes(inductor.module, model, x) == fxcompress.explain(inductor.module).saved_bytes_after
+    (capture,) = inductor.module.capture_log.captures()
+    check_predicate_readers(capture.rewritten.bw.graph)
 
 
 def test_blpa_on_inductor_under_autocast():

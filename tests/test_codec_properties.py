@@ -5,7 +5,8 @@ groups, denormals, huge magnitudes, +-inf and NaN.
 - lossy codecs stay within their stated bound on every group of finite input;
 - a group holding a non-finite value decodes to NaN: never to finite garbage;
 - a lossy codec that keeps a predicate (``SplitAffine``, ``ClampedAffine`` on a ReLU's
-  output) keeps it exactly on finite groups.
+  output, ``MaskedLossy``) keeps it exactly on finite groups, and so does its predicate-only
+  decode (what Inductor's ReLU backward reads), on non-finite groups too.
 """
 import math
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask
 from fxcompress.codecs.lossless import narrowest_int
-from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, SplitAffine
+from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from fxcompress.codecs.uses import Predicate
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -77,6 +78,31 @@ def test_split_codes_keep_the_predicate_and_the_bound(x, group, pred):
     finite, decoded = _check_lossy(x, group, _keeping(SplitAffine, x, group, pred))
     for codec, y in decoded:
         assert torch.equal(pred(y)[finite], pred(x.reshape(-1))[finite]), codec.name
+
+
+@SETTINGS
+@given(x=tensors(), group=st.sampled_from([8, 64, 256]), pred=st.sampled_from([
+    Predicate("le", (0.0,)), Predicate("gt", (0.0,)), Predicate("lt", (1.0,)), Predicate("ge", (-0.5,)),
+    Predicate("notinside", (0.0, 6.0)), Predicate("outside", (-1.0, 1.0)),
+]))
+def test_predicate_decodes_keep_the_predicate_everywhere(x, group, pred):
+    """Non-finite groups included. A mask's predicate decode is the exact predicate of ``x``; codes
+    that carry the predicate give the full decode's (exact on finite groups: the tests above; a
+    non-finite group's elements all on the false side, as its NaN values read)."""
+    codecs = _keeping(MaskedLossy, x, group, pred)
+    if not pred.two_sided:
+        codecs += _keeping(SplitAffine, x, group, pred)
+    if pred == Predicate("le", (0.0,)):
+        codecs += _keeping(ClampedAffine, torch.relu(x), group, pred)
+    for codec in codecs:
+        source = torch.relu(x) if isinstance(codec, ClampedAffine) else x
+        parts = codec.encode(source)
+        full, alone = codec.decode(*parts), codec.decode_predicate(*parts)
+        assert alone.shape == full.shape and alone.stride() == full.stride() and alone.dtype == x.dtype
+        # NB: not the full decode's for a mask: notinside(NaN) is true (CPU's hardtanh backward), so a
+        # NaN group's full decode cannot keep an element inside; the mask itself does
+        want = pred(source) if isinstance(codec, MaskedLossy) else pred(full)
+        assert torch.equal(pred(alone), want), codec.name
 
 
 @SETTINGS

@@ -11,7 +11,7 @@ import torch
 import fxcompress
 from fxcompress.capture import CaptureLog, Partitioner
 from fxcompress.config import Backend
-from conftest import ZOO_NAMES, assert_grads_close, compressed, make_model, train_step
+from conftest import ZOO_NAMES, assert_grads_close, check_predicate_readers, compressed, make_model, train_step
 from test_lossless import _stored_bytes
 
 
@@ -179,6 +179,8 @@ def test_codecs_group_in_the_layout_inductor_gives_the_tensor():
         torch.cat([exact.grads[n].flatten() for n in weights]), dim=0)
     assert float(cos) >= 0.99
     assert _stored_bytes(inductor.module, model, x) == fxcompress.explain(inductor.module).saved_bytes_after
+    check_predicate_readers(cap.rewritten.bw.graph)
+
 
 
 def test_statistics_of_decomposed_norms_stay_exact():

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Codec", "Layout", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes", "unpack_slices"]
+__all__ = ["Codec", "Layout", "predicate_values", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes", "unpack_slices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,17 @@ class Codec(abc.ABC):
 
     Subclasses are frozen dataclasses, so equal codecs hash equal and their
     traced subgraphs are shared between same-layout tensors.
+
+    A lossy codec that keeps a predicate of ``x`` exact beside the values (a
+    ReLU output's ``x <= 0``: a mask, a reserved code) has it as ``predicate``
+    and also defines ``decode_predicate(*parts)``: a tensor of ``x``'s layout
+    on which the predicate holds exactly where it held on ``x``, made from
+    the parts that carry it, without the values (:func:`predicate_values`).
+    The rewrite gives the readers of the predicate alone (``threshold_backward``)
+    that decode of their own, so the decoded values die at their last value
+    reader (the convolution backward) instead of living on for a ReLU
+    backward that Inductor inlines into later kernels, and those kernels read
+    the codes, not a dense tensor.
     """
 
     #: bit-identical round trip for every consumer it is chosen for
@@ -88,6 +99,23 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode(self, *parts: torch.Tensor) -> torch.Tensor:
         """Backward side: a tensor with ``x``'s layout that every consumer accepts."""
+
+
+def predicate_values(predicate, truth: torch.Tensor, dtype: torch.dtype,
+                     near: tuple[float, float] | None = None) -> torch.Tensor:
+    """``truth`` (bool) as values of ``dtype`` on which ``predicate`` is true exactly where ``truth`` is.
+
+    An infinity on each side of a one-sided predicate's constant; for a two-sided one, ``-inf``
+    (outside) and ``near[0]``, a value inside (:meth:`~fxcompress.codecs.uses.Predicate.near_values`).
+    Exact in every float dtype, and only ever compared: the predicate's readers read nothing else.
+    """
+    inf = float("inf")
+    if predicate.two_sided:
+        v_true, v_false = -inf, near[0]
+    else:
+        v_true, v_false = (-inf, inf) if predicate.kind in ("le", "lt") else (inf, -inf)
+    return torch.where(truth, torch.scalar_tensor(v_true, dtype=dtype, device=truth.device),
+                       torch.scalar_tensor(v_false, dtype=dtype, device=truth.device))
 
 
 def _shifts(bits: int, device: torch.device) -> torch.Tensor:

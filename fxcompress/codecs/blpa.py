@@ -32,7 +32,8 @@ import dataclasses
 
 import torch
 
-from .base import Codec, Layout, pack_codes, pack_slices, unpack_codes
+from .base import Codec, Layout, pack_codes, pack_slices, predicate_values, unpack_codes
+from .uses import Predicate
 
 __all__ = ["BLPA", "BLPARelu"]
 
@@ -125,9 +126,15 @@ class BLPARelu:
     base: BLPA
     dtype: torch.dtype
 
+    predicate = Predicate("le", (0.0,))  # the ReLU's mask: code < shift
+
     @property
     def name(self) -> str:
         return f"{self.base.name}:relu"
+
+    def decode_predicate(self, packed, a, b, shift, gw) -> torch.Tensor:
+        code = self.base._codes(packed)
+        return predicate_values(self.predicate, code < _channel_view(shift, code.dim()), self.dtype)
 
     def decode(self, packed, a, b, shift, gw) -> torch.Tensor:
         nd = len(self.base.layout.shape)

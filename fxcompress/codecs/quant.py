@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from .base import Codec, Layout, pack_bits, pack_slices, unpack_bits, unpack_slices
+from .base import Codec, Layout, pack_bits, pack_slices, predicate_values, unpack_bits, unpack_slices
 from .uses import Predicate
 
 __all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
@@ -349,6 +349,10 @@ class MaskedLossy(Codec):
         exact = lay.unflatten(unpack_bits(parts[-1], lay.numel))
         return self.predicate.restore(q, exact, self.near)
 
+    def decode_predicate(self, *parts: torch.Tensor) -> torch.Tensor:
+        lay = self.inner.layout
+        return predicate_values(self.predicate, lay.unflatten(unpack_bits(parts[-1], lay.numel)), lay.dtype, self.near)
+
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner.max_error(x) * (2 if self.predicate.two_sided else 1)
 
@@ -412,6 +416,12 @@ class SplitAffine(Codec):
         want = self._swap(codes.to(torch.int16) <= split)  # the predicate's truth
         q = inner._values(codes, lo, scale).to(inner.layout.dtype)
         return _unplace(inner.layout, self.predicate.restore(q, want, self.near))  # NB: one view chain, at the end
+
+    def decode_predicate(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor,
+                         split: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        want = self._swap(inner._unpack(packed, lo).to(torch.int16) <= split)
+        return _unplace(inner.layout, predicate_values(self.predicate, want, inner.layout.dtype, self.near))
 
     def _swap(self, side: torch.Tensor) -> torch.Tensor:
         """The predicate's truth to "on the low side of ``c``", and back: flipped for ``ge``/``gt``."""
@@ -497,6 +507,11 @@ class ClampedAffine(Codec):
         # the restore keeps the predicate exact there too, fused into the same pass. Elementwise,
         # so in the codes' order, and the values and the mask reach the layout through one view chain.
         return _unplace(inner.layout, self.predicate.restore(q, clamped, self.near))
+
+    def decode_predicate(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        clamped = inner._unpack(packed, lo) == 0
+        return _unplace(inner.layout, predicate_values(self.predicate, clamped, inner.layout.dtype, self.near))
 
     def _grid(self, g: torch.Tensor, clamped: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per group ``lo`` (least value above ``c``), ``hi`` and ``scale``; a group of ``c`` alone gets ``lo = hi``."""

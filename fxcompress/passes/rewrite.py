@@ -11,7 +11,9 @@ After (``PredicateMask``: 1 bit per element)::
     bw:  relu_d = where(<unpack packed>, 0., 1.); threshold_backward(g, relu_d, 0)
 
 Encoders go right after the producer, decoders right before the first
-backward use, so the full tensor lives as briefly as possible. An alias
+backward use, so the full tensor lives as briefly as possible (under
+Inductor, the readers of a predicate the codec keeps apart, a ReLU
+backward's ``x <= 0``, have a decode of their own: :func:`_decode_into`). An alias
 (a saved view of another saved tensor) is not saved: the backward replays
 the view ops on its base. The input program is not modified.
 """
@@ -26,6 +28,7 @@ import torch.fx as fx
 
 from ..codecs.base import Layout
 from ..codecs.kernels import share_seed
+from ..codecs.uses import VIEW_OPS, PredicateUse, ShapeUse, uses_of
 from ..errors import InternalError
 from ..ir import META_KEY, CodecPlan, Program, SavedTensor
 from .select import view_chain
@@ -50,7 +53,9 @@ def rewrite_saved_tensors(
     in a kernel of its own. So every reader of the tensor, the encoder
     included, reads it through ``prims.inductor_force_stride_order``: a
     layout still open is fixed to those strides, one already fixed the same
-    way is kept, any other is copied (so it is right either way).
+    way is kept, any other is copied (so it is right either way). In the
+    backward, readers of a kept predicate get a decode of their own and the
+    selections they gate are written once (:func:`_decode_into`).
     """
     from ..capture import extract_program  # NB: capture imports passes; keep the cycle lazy
 
@@ -109,15 +114,14 @@ def rewrite_saved_tensors(
                 new.meta = {"val": part.meta["val"], META_KEY: dict(part.meta[META_KEY])}
                 new_phs.append(new)
         parts_phs[saved.index] = new_phs
-        _decode_into(bw.graph, ph, codec.decode, new_phs, codec.name, saved.name, decompositions)
+        _decode_into(bw.graph, ph, codec, new_phs, saved.name, decompositions, inductor=pin_layouts)
 
     for saved, decision in zip(program.saved, plan.decisions):
         if decision.derived is None:
             continue
         ph = placeholders[saved.index]
-        name = decision.derived.name
-        _decode_into(bw.graph, ph, decision.derived.decode, parts_phs[decision.derived_from], name, saved.name,
-                     decompositions)
+        _decode_into(bw.graph, ph, decision.derived, parts_phs[decision.derived_from], saved.name, decompositions,
+                     inductor=pin_layouts)
         saved_outputs[saved.index] = []
 
     share_seed(fw.graph)  # encoders="triton": one seed for the graph's draws
@@ -169,20 +173,70 @@ def _pin(graph: fx.Graph, node: fx.Node, stride: tuple[int, ...], tag: dict) -> 
     return pinned
 
 
-def _decode_into(graph, ph, decode, parts, codec_name, of, decompositions) -> None:
-    """Replace placeholder ``ph`` by ``decode(*parts)``, placed right before its first use."""
-    user = _first_user(graph, ph)
-    if user is not None:
-        with graph.inserting_before(user):
-            (decoded,) = splice(
-                graph, decode, parts,
-                tag={"role": "decode", "codec": codec_name, "of": of},
-                decompositions=decompositions,
-                fake_mode=_fake_mode(ph),
-            )
+def _decode_into(graph, ph, codec, parts, of, decompositions, inductor=False) -> None:
+    """Replace placeholder ``ph`` by ``codec.decode(*parts)``, placed right before its first use.
+
+    ``inductor``: readers of the codec's ``predicate`` alone (a ReLU output's ``x <= 0``, from its
+    backward) get ``codec.decode_predicate(*parts)`` instead (:class:`~fxcompress.codecs.base.Codec`),
+    before the first of them, and each selection they gate (the ReLU backward's ``where(x <= 0, 0,
+    g)``) is written once (:func:`_pin`). Inductor would otherwise inline that selection into each
+    kernel that reads it (the batch-norm backward's two or three), each one re-reading the decoded
+    values and every gradient summed into ``g``: all of them stayed alive until the last such kernel
+    ran, the decoded values included (ResNet-50's backward peak held five activation-sized tensors
+    where three do), and each re-read moved bytes. The eager backend runs each op once as it is.
+    """
+    by_predicate = _predicate_readers(ph, codec) if inductor else []
+    tag = {"role": "decode", "codec": codec.name, "of": of}
+    readers = [(codec.decode, [u for u in ph.users if u not in by_predicate])]
+    if by_predicate:
+        readers.append((codec.decode_predicate, by_predicate))
+    for decode, users in readers:
+        first = _first_user(graph, ph, users)
+        if first is None:
+            continue
+        with graph.inserting_before(first):
+            (decoded,) = splice(graph, decode, parts, tag=tag, decompositions=decompositions, fake_mode=_fake_mode(ph))
         _check_same_layout(ph, decoded)
-        ph.replace_all_uses_with(decoded)
+        for user in users:
+            user.replace_input_with(ph, decoded)
+    for selection in _gated_selections(by_predicate):
+        _pin(graph, selection, tuple(selection.meta["val"].stride()), tag)
     graph.erase_node(ph)
+
+
+def _predicate_readers(ph: fx.Node, codec) -> list[fx.Node]:
+    """The users of ``ph`` that read nothing of it but ``codec.predicate`` (and its shape), looking
+    through views; none where the codec keeps no predicate apart from its values."""
+    if not hasattr(codec, "decode_predicate"):
+        return []
+    wanted = (PredicateUse(codec.predicate), ShapeUse())
+    readers = []
+    for user in ph.users:
+        if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is ph:
+            uses = [use for _, use in uses_of(user)]
+        else:
+            uses = [use for reader, use in uses_of(ph) if reader is user]
+        if uses and all(use in wanted for use in uses):
+            readers.append(user)
+    return readers
+
+
+def _gated_selections(readers: list[fx.Node]) -> list[fx.Node]:
+    """The ``aten.where`` nodes whose condition the predicate ``readers`` compute, through views and
+    boolean ops (Inductor's decompositions make a ReLU backward ``where(le(x, 0), 0, g)``)."""
+    found, todo, seen = [], list(readers), set()
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            val = user.meta.get("val")
+            if user.target is torch.ops.aten.where.self and user.args[0] is node:
+                found.append(user)
+            elif isinstance(val, torch.Tensor) and val.dtype is torch.bool:
+                todo.append(user)
+    return sorted(found, key=lambda n: n.name)
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
@@ -194,8 +248,9 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     return fx.GraphModule(gm, graph, gm.__class__.__name__), env
 
 
-def _first_user(graph: fx.Graph, node: fx.Node) -> fx.Node | None:
-    users = set(node.users)
+def _first_user(graph: fx.Graph, node: fx.Node, among=None) -> fx.Node | None:
+    """The first of ``node``'s users (of ``among`` where given) in ``graph``'s order."""
+    users = set(node.users if among is None else among)
     for n in graph.nodes:
         if n in users:
             return n
