@@ -53,6 +53,7 @@ class PeakRow:
     graphs: int
     batch: int = 0
     device: str = ""
+    codegen: str = "run"  # "triton": Inductor's Triton code on the CPU, kernels as no-ops (--codegen)
 
     @property
     def error(self) -> float:
@@ -92,15 +93,20 @@ def cpu_peak(fn) -> int:
     return top
 
 
-def run_one(model_name: str, backend: str, codec: str, device: str, batch: int | None = None) -> PeakRow:
+def run_one(model_name: str, backend: str, codec: str, device: str, batch: int | None = None,
+            codegen: str = "run") -> PeakRow:
+    import traffic
+
     torch.manual_seed(0)
     work = build(model_name, device, batch or BATCH.get(model_name))
     cm = fxcompress.compile(WithLoss(work.model, work.loss_fn), fxcompress.CompressConfig(codec=codec), backend=backend)
     opt = torch.optim.SGD(work.model.parameters(), lr=1e-4)
     cuda = device.startswith("cuda")
+    if codegen == "triton":  # NB: for the whole process: the backward compiles at the first step
+        traffic.triton_codegen_only(run_empty=True).__enter__()
 
     def forward_backward():
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+        with traffic.step_autocast(device, codegen):
             loss = cm(*work.inputs)
         loss.backward()
 
@@ -124,7 +130,7 @@ def run_one(model_name: str, backend: str, codec: str, device: str, batch: int |
         model_name, backend, codec,
         report.predicted_peak_bytes_before / GiB, report.predicted_peak_bytes_after / GiB,
         (peak - steady) / GiB, reserved / GiB, steady / GiB, len(cm.capture_log.captures()), work.batch,
-        "cuda" if cuda else "cpu",
+        "cuda" if cuda else "cpu", codegen,
     )
 
 
@@ -135,11 +141,16 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["eager", "inductor"])
     p.add_argument("--codecs", nargs="+", default=["none", "int4"])
     p.add_argument("--batch", type=int, help="instead of the issue's (ResNet-50 64, GPT-2 8)")
+    p.add_argument("--codegen", choices=["run", "triton"], default="run",
+                   help="triton (--device cpu, --backends inductor): the Triton code a GPU would run, its kernels "
+                        "launched as no-ops, bf16 autocast; the buffers it allocates and frees are real")
     p.add_argument("--out")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "BACKEND", "CODEC"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.codegen == "triton" and (args.device != "cpu" or args.backends != ["inductor"]):
+        p.error("--codegen triton: Inductor's Triton code for the CPU device (--device cpu --backends inductor)")
     if args.one:
-        row = run_one(*args.one, args.device, args.batch)
+        row = run_one(*args.one, args.device, args.batch, args.codegen)
         print("RESULT " + json.dumps(dataclasses.asdict(row)), flush=True)
         return
 
@@ -150,6 +161,7 @@ def main() -> None:
                 print(f"[peak] {model} / {backend} / {codec} ...", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--device", args.device, "--one", model, backend, codec]
                 cmd += ["--batch", str(args.batch)] if args.batch else []
+                cmd += ["--codegen", args.codegen, "--backends", backend]
                 result = run_child(cmd, f"[peak] {model} / {backend} / {codec}")
                 if result is not None:
                     rows.append(PeakRow(**result))
@@ -162,8 +174,11 @@ def main() -> None:
               f"{r.error:>+7.1%} {r.reserved_gib:>9.3f} {r.graphs:>6}   [{r.predicted_before_gib:.3f}]{verdict}")
     if args.out:  # NB: rows accumulate across runs (a run replaces its own), e.g. one batch per model on a CPU
         data = open_results(args.out, "peak", args.device, " ".join([os.path.relpath(__file__)] + sys.argv[1:]))
+        for old in data["peak"]:
+            old.setdefault("codegen", "run")  # NB: rows from before --codegen
         for r in rows:
-            put_result(args.out, data, "peak", dict(dataclasses.asdict(r), error=r.error), ("model", "backend", "codec"))
+            put_result(args.out, data, "peak", dict(dataclasses.asdict(r), error=r.error),
+                       ("model", "backend", "codec", "codegen", "batch"))
 
 
 if __name__ == "__main__":

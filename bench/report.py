@@ -129,7 +129,8 @@ def _peak(path: pathlib.Path, data: dict) -> str:
         f"Predicted vs measured step peak (`{path.name}`, {_where(data['environment'])}; {_commands(data)}; "
         "GiB above the steady allocation"
         + ("" if "gpu" in data["environment"] else "; fp32, measured = the peak of the live bytes the profiler's "
-           "allocator events add up to, the CPU allocator caching nothing")
+           "allocator events add up to, the CPU allocator caching nothing; backend `inductor/triton`: the Triton "
+           "code Inductor generates for a GPU, bf16 autocast, its kernels launched as no-ops, its buffers real")
         + "):",
         "",
         "| model | batch | backend | codec | predicted | measured | error | max reserved |",
@@ -138,7 +139,8 @@ def _peak(path: pathlib.Path, data: dict) -> str:
     for r in data["peak"]:
         batch = r.get("batch") or {"resnet50": 64, "gpt2": 8}.get(r["model"], "–")  # NB: older rows: the defaults
         lines.append(
-            f"| {r['model']} | {batch} | {r['backend']} | {r['codec']} | {r['predicted_gib']:.3f} | "
+            f"| {r['model']} | {batch} | {r['backend']}{'/triton' if r.get('codegen') == 'triton' else ''} | "
+            f"{r['codec']} | {r['predicted_gib']:.3f} | "
             f"{r['measured_gib']:.3f} | {r['error']:+.1%} | "
             f"{'–' if r.get('device') == 'cpu' else format(r['reserved_gib'], '.2f')} |"
         )

@@ -97,11 +97,26 @@ class _NotRun(Exception):
     """A kernel of a codegen-only step was launched: lowering is over."""
 
 
+class _Empty:
+    """A Triton kernel that is launched as a no-op (:func:`triton_codegen_only`'s ``run_empty``)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
-def triton_codegen_only():
-    """Inductor lowers to Triton for the CPU device and records, never compiles, its kernels."""
+def triton_codegen_only(run_empty: bool = False):
+    """Inductor lowers to Triton for the CPU device and records, never compiles, its kernels.
+
+    ``run_empty``: the step runs on, each Triton kernel launched as a no-op and every buffer
+    the generated code allocates zeroed (so that indices read from one stay in range): the
+    allocations, the frees and the extern kernels (convolutions, matrix products) are real,
+    the values are not. ``bench/peak.py --codegen triton`` measures the memory of the code
+    Triton's scheduler makes that way: which buffers live when, as on a GPU.
+    """
     if importlib.util.find_spec("triton") is None:
         raise SystemExit("--codegen triton needs Triton's compiler package: pip install triton")
+    import torch._C._dynamo.guards as guards
     import torch._functorch.config as functorch_config
     import torch._inductor.async_compile as async_compile
     import torch.utils._triton as torch_triton
@@ -110,9 +125,14 @@ def triton_codegen_only():
         def __getattr__(self, name):
             raise _NotRun(name)
 
-    patches = [(async_compile.AsyncCompile, "triton", lambda self, *a, **k: Unrunnable()),
+    def zeroed(size, stride, dtype):
+        return torch.empty_strided(size, stride, dtype=dtype).zero_()
+
+    patches = [(async_compile.AsyncCompile, "triton", lambda self, *a, **k: _Empty() if run_empty else Unrunnable()),
                # NB: asks Triton's active driver, and a machine without a GPU has none
                (torch_triton, "triton_hash_with_backend", lambda: "codegen-only")]
+    if run_empty:  # NB: the generated module binds it when it is loaded, after this patch
+        patches.append((guards, "_empty_strided_cpu", zeroed))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, value in patches:
         setattr(obj, name, value)

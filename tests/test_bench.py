@@ -1,11 +1,13 @@
 """The benchmark scripts' own logic: variant names, learning-rule specs, and the README's target verdicts."""
 import pathlib
+import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 import bench_step  # noqa: E402
 import report  # noqa: E402
 from common import compress_config  # noqa: E402
@@ -199,6 +201,24 @@ def test_cpu_peak_is_the_most_bytes_held_at_once():
     kept = torch.empty(10)  # allocated before: not part of the peak
     assert peak.cpu_peak(fn) == 5_000_000
     del kept
+
+
+def test_the_triton_proxy_runs_a_step_with_empty_kernels_and_real_buffers(tmp_path):
+    """``bench/peak.py --codegen triton``: the step's Triton code runs on the CPU, each kernel a no-op on
+    zeroed buffers (max-pool's indices stay in range), so its buffers are allocated and freed as on a GPU."""
+    import json
+
+    out = tmp_path / "peak.json"
+    cmd = [sys.executable, str(BENCH / "peak.py"), "--device", "cpu", "--backends", "inductor", "--models", "resnet",
+           "--codecs", "int4", "--batch", "4", "--codegen", "triton", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["peak"]
+    assert row["codegen"] == "triton" and row["backend"] == "inductor" and row["batch"] == 4
+    assert 0 < row["measured_gib"] < row["predicted_before_gib"]
+    assert "| resnet | 4 | inductor/triton | int4 |" in report._peak(out, json.loads(out.read_text()))
+    bad = subprocess.run(cmd[:3] + ["cuda"] + cmd[4:], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--device cpu --backends inductor" in bad.stderr
 
 
 def test_a_results_row_with_its_commit_reads_back_as_a_measurement(monkeypatch):
