@@ -22,6 +22,7 @@ measured peak is shown beside the (graph-level) prediction, not checked.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +39,8 @@ from common import GiB, build, open_results, put_result, run_child  # noqa: E402
 
 BATCH = {"resnet50": 64, "gpt2": 8}  # the sizes: ResNet-50 batch 64, GPT-2 8 x 1024
 TOLERANCE = 0.10
+# NB: held by the module: a context manager entered and dropped is closed (its patches undone) at once
+_PROXY = contextlib.ExitStack()
 
 
 @dataclasses.dataclass
@@ -103,7 +106,7 @@ def run_one(model_name: str, backend: str, codec: str, device: str, batch: int |
     opt = torch.optim.SGD(work.model.parameters(), lr=1e-4)
     cuda = device.startswith("cuda")
     if codegen == "triton":  # NB: for the whole process: the backward compiles at the first step
-        traffic.triton_codegen_only(run_empty=True).__enter__()
+        _PROXY.enter_context(traffic.triton_codegen_only(run_empty=True))
 
     def forward_backward():
         with traffic.step_autocast(device, codegen):
@@ -151,6 +154,11 @@ def main() -> None:
         p.error("--codegen triton: Inductor's Triton code for the CPU device (--device cpu --backends inductor)")
     if args.one:
         row = run_one(*args.one, args.device, args.batch, args.codegen)
+        if args.codegen == "triton":
+            import traffic
+
+            if not traffic._Empty.launches:
+                raise SystemExit("--codegen triton: no Triton kernel was launched; the proxy was not in force")
         print("RESULT " + json.dumps(dataclasses.asdict(row)), flush=True)
         return
 

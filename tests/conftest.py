@@ -90,5 +90,7 @@ def check_predicate_readers(graph) -> None:
         uses = [(u, use) for u, use in uses_of(p.args[0]) if u not in decoded]
         # a decode for the predicate alone (and shapes: torch 2.11's max-pool backward reads its input's)
         assert all(isinstance(use, (PredicateUse, ShapeUse)) for _, use in uses), (p, uses)
-        for where in (u for u in p.users if u.target is torch.ops.aten.where.self):
-            assert [u.target for u in where.users] == [torch.ops.prims.inductor_force_stride_order.default], where
+    gated = [u for p in predicates for u in p.users if u.target is torch.ops.aten.where.self]
+    assert gated
+    for where in gated:
+        assert [u.target for u in where.users] == [torch.ops.prims.inductor_force_stride_order.default], where

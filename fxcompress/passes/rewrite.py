@@ -200,7 +200,10 @@ def _decode_into(graph, ph, codec, parts, of, decompositions, inductor=False) ->
         for user in users:
             user.replace_input_with(ph, decoded)
     for selection in _gated_selections(by_predicate):
-        _pin(graph, selection, tuple(selection.meta["val"].stride()), tag)
+        stride = tuple(selection.meta["val"].stride())
+        if all(isinstance(s, int) for s in stride):  # NB: symbolic sizes: left to Inductor, as in the forward
+            # NB: the selection is the model's own work (its kernel's role, in bench/traffic.py), pinned for the codec
+            _pin(graph, selection, stride, {"role": "pin", "codec": codec.name, "of": of})
     graph.erase_node(ph)
 
 
