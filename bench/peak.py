@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fxcompress  # noqa: E402
+import traffic  # noqa: E402
 from common import GiB, build, open_results, put_result, run_child  # noqa: E402
 
 BATCH = {"resnet50": 64, "gpt2": 8}  # the sizes: ResNet-50 batch 64, GPT-2 8 x 1024
@@ -98,8 +99,6 @@ def cpu_peak(fn) -> int:
 
 def run_one(model_name: str, backend: str, codec: str, device: str, batch: int | None = None,
             codegen: str = "run") -> PeakRow:
-    import traffic
-
     torch.manual_seed(0)
     work = build(model_name, device, batch or BATCH.get(model_name))
     cm = fxcompress.compile(WithLoss(work.model, work.loss_fn), fxcompress.CompressConfig(codec=codec), backend=backend)
@@ -154,11 +153,8 @@ def main() -> None:
         p.error("--codegen triton: Inductor's Triton code for the CPU device (--device cpu --backends inductor)")
     if args.one:
         row = run_one(*args.one, args.device, args.batch, args.codegen)
-        if args.codegen == "triton":
-            import traffic
-
-            if not traffic._Empty.launches:
-                raise SystemExit("--codegen triton: no Triton kernel was launched; the proxy was not in force")
+        if args.codegen == "triton" and not traffic._Empty.launches:
+            raise SystemExit("--codegen triton: no Triton kernel was launched; the proxy was not in force")
         print("RESULT " + json.dumps(dataclasses.asdict(row)), flush=True)
         return
 

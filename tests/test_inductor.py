@@ -182,7 +182,6 @@ def test_codecs_group_in_the_layout_inductor_gives_the_tensor():
     check_predicate_readers(cap.rewritten.bw.graph)
 
 
-
 def test_statistics_of_decomposed_norms_stay_exact():
     """Inductor decomposes batch- and layer-norm before fxcompress sees the graph, and their backward
     reads mean and inverse std through plain sub/mul ops: the statistics are found from the forward

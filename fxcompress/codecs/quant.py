@@ -344,14 +344,16 @@ class MaskedLossy(Codec):
         return (*self.inner.encode(x), pack_bits(self.predicate(lay.flatten(x))))
 
     def decode(self, *parts: torch.Tensor) -> torch.Tensor:
-        lay = self.inner.layout
         q = self.inner.decode(*parts[:-1])
-        exact = lay.unflatten(unpack_bits(parts[-1], lay.numel))
-        return self.predicate.restore(q, exact, self.near)
+        return self.predicate.restore(q, self._exact(parts[-1]), self.near)
 
     def decode_predicate(self, *parts: torch.Tensor) -> torch.Tensor:
+        return predicate_values(self.predicate, self._exact(parts[-1]), self.inner.layout.dtype, self.near)
+
+    def _exact(self, packed: torch.Tensor) -> torch.Tensor:
+        """The stored 1-bit mask: the predicate's exact truth, in the layout."""
         lay = self.inner.layout
-        return predicate_values(self.predicate, lay.unflatten(unpack_bits(parts[-1], lay.numel)), lay.dtype, self.near)
+        return lay.unflatten(unpack_bits(packed, lay.numel))
 
     def max_error(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner.max_error(x) * (2 if self.predicate.two_sided else 1)
@@ -413,15 +415,19 @@ class SplitAffine(Codec):
     def decode(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
         inner = self.inner
         codes = inner._unpack(packed, lo)
-        want = self._swap(codes.to(torch.int16) <= split)  # the predicate's truth
+        want = self._truth(codes, split)
         q = inner._values(codes, lo, scale).to(inner.layout.dtype)
         return _unplace(inner.layout, self.predicate.restore(q, want, self.near))  # NB: one view chain, at the end
 
     def decode_predicate(self, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor,
                          split: torch.Tensor) -> torch.Tensor:
         inner = self.inner
-        want = self._swap(inner._unpack(packed, lo).to(torch.int16) <= split)
+        want = self._truth(inner._unpack(packed, lo), split)
         return _unplace(inner.layout, predicate_values(self.predicate, want, inner.layout.dtype, self.near))
+
+    def _truth(self, codes: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+        """The predicate's truth, read off the codes: at or below the group's split on its low side."""
+        return self._swap(codes.to(torch.int16) <= split)
 
     def _swap(self, side: torch.Tensor) -> torch.Tensor:
         """The predicate's truth to "on the low side of ``c``", and back: flipped for ``ge``/``gt``."""

@@ -213,12 +213,13 @@ def _predicate_readers(ph: fx.Node, codec) -> list[fx.Node]:
     if not hasattr(codec, "decode_predicate"):
         return []
     wanted = (PredicateUse(codec.predicate), ShapeUse())
+    direct = uses_of(ph)
     readers = []
     for user in ph.users:
         if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is ph:
             uses = [use for _, use in uses_of(user)]
         else:
-            uses = [use for reader, use in uses_of(ph) if reader is user]
+            uses = [use for reader, use in direct if reader is user]
         if uses and all(use in wanted for use in uses):
             readers.append(user)
     return readers
