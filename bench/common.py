@@ -276,15 +276,26 @@ def environment(device: str) -> dict:
 
 def _commit() -> str | None:
     """The fxcompress commit measured: ``$FXCOMPRESS_COMMIT`` (a device machine's copy of the working
-    tree may lack ``.git``; bench/gpu_session.sh passes it), else ``git rev-parse``, else None."""
+    tree may lack ``.git``; bench/gpu_session.sh passes it), else ``git rev-parse`` with ``+dirty``
+    appended when the package or the bench scripts differ from it, else None."""
     if commit := os.environ.get("FXCOMPRESS_COMMIT"):
         return commit
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = _git("rev-parse", "--short", "HEAD", cwd=here)
+    if not head:
+        return None
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", "fxcompress", "bench",
+                   ":(exclude)bench/results", cwd=os.path.dirname(here))
+    return head + "+dirty" if changed else head
+
+
+def _git(*args: str, cwd: str) -> str | None:
+    """``git args`` run in ``cwd``: its stripped output, or None when git fails or is missing."""
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def block_paths(work: Workload) -> tuple[str, ...]:

@@ -233,6 +233,19 @@ def test_a_results_row_with_its_commit_reads_back_as_a_measurement(monkeypatch):
     assert Measurement.of(data["results"][0]) == Measurement(**row)
 
 
+def test_a_results_row_says_when_the_measured_code_differs_from_its_commit(monkeypatch):
+    import common
+
+    monkeypatch.delenv("FXCOMPRESS_COMMIT", raising=False)
+    answers = {"rev-parse": "abc1234", "status": " M fxcompress/rewrite.py"}
+    monkeypatch.setattr(common, "_git", lambda *args, cwd: answers[args[0]])
+    assert common._commit() == "abc1234+dirty"
+    answers["status"] = ""
+    assert common._commit() == "abc1234"
+    answers["rev-parse"] = None
+    assert common._commit() is None
+
+
 def test_a_child_measurement_compiles_with_empty_caches_of_its_own():
     import os
 
