@@ -10,11 +10,13 @@ groups, denormals, huge magnitudes, +-inf and NaN.
 """
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask
+from fxcompress.codecs.base import predicate_values
 from fxcompress.codecs.lossless import narrowest_int
 from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from fxcompress.codecs.uses import Predicate
@@ -103,6 +105,18 @@ def test_predicate_decodes_keep_the_predicate_everywhere(x, group, pred):
         # NaN group's full decode cannot keep an element inside; the mask itself does
         want = pred(source) if isinstance(codec, MaskedLossy) else pred(full)
         assert torch.equal(pred(alone), want), codec.name
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("pred", [Predicate("le", (0.0,)), Predicate("gt", (0.0,)), Predicate("ge", (-0.5,)),
+                                  Predicate("notinside", (0.0, 6.0))])
+def test_predicate_values_give_the_truth_in_every_float_dtype(dtype, pred):
+    """fp8 included, which has no infinity: the values are the dtype's finite extremes."""
+    truth = torch.rand(257, generator=torch.Generator().manual_seed(0)) < 0.5
+    near = pred.near_values(dtype) if pred.two_sided else None
+    values = predicate_values(pred, truth, dtype, near)
+    assert values.dtype == dtype and torch.isfinite(values.float()).all()
+    assert torch.equal(pred(values.float()), truth)  # CPU compares no fp8: compare in fp32, exactly
 
 
 @SETTINGS

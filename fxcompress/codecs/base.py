@@ -105,15 +105,16 @@ def predicate_values(predicate, truth: torch.Tensor, dtype: torch.dtype,
                      near: tuple[float, float] | None = None) -> torch.Tensor:
     """``truth`` (bool) as values of ``dtype`` on which ``predicate`` is true exactly where ``truth`` is.
 
-    An infinity on each side of a one-sided predicate's constant; for a two-sided one, ``-inf``
+    The dtype's largest finite value on each side of a one-sided predicate's constant (finite, so
+    the same in the fp8 dtypes, which have no infinity); for a two-sided one, the lowest value
     (outside) and ``near[0]``, a value inside (:meth:`~fxcompress.codecs.uses.Predicate.near_values`).
     Exact in every float dtype, and only ever compared: the predicate's readers read nothing else.
     """
-    inf = float("inf")
+    big = torch.finfo(dtype).max
     if predicate.two_sided:
-        v_true, v_false = -inf, near[0]
+        v_true, v_false = -big, near[0]
     else:
-        v_true, v_false = (-inf, inf) if predicate.kind in ("le", "lt") else (inf, -inf)
+        v_true, v_false = (-big, big) if predicate.kind in ("le", "lt") else (big, -big)
     return torch.where(truth, torch.scalar_tensor(v_true, dtype=dtype, device=truth.device),
                        torch.scalar_tensor(v_false, dtype=dtype, device=truth.device))
 
