@@ -28,8 +28,11 @@ def _bn_case(channels_last=False, seed=0):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_relu_mask_from_code_is_exact(bits, channels_last):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_relu_mask_from_code_is_exact(bits, channels_last, dtype):
+    """fp16 included: a gamma ~ 0 channel's bins are below its subnormals, and stay positive."""
     x, y, gamma, beta, mean, invstd, xhat = _bn_case(channels_last)
+    x, y = x.to(dtype), y.to(dtype)
     codec = BLPA(Layout.of(x), bits)
     parts = codec.encode(x, y, gamma, beta, mean, invstd)
     assert sum(p.nbytes for p in parts) == codec.nbytes()

@@ -140,5 +140,8 @@ class BLPARelu:
         nd = len(self.base.layout.shape)
         code = self.base._codes(packed)
         s = _channel_view(shift, nd)
-        y = (code - s + 0.5) * _channel_view(gw, nd)
-        return torch.where(code >= s, y, torch.zeros_like(y)).to(self.dtype)
+        y = ((code - s + 0.5) * _channel_view(gw, nd)).to(self.dtype)
+        # a channel with gamma ~ 0 has a bin width below the dtype's subnormals (fp16's): its
+        # positive values stay positive, so the ReLU's mask is the code's, as decode_predicate's
+        smallest = torch.finfo(self.dtype).tiny * torch.finfo(self.dtype).eps
+        return torch.where(code >= s, y.clamp_min(smallest), torch.zeros_like(y))
