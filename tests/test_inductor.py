@@ -212,3 +212,31 @@ def test_what_counts_as_a_normalization_statistic():
     graph = make_fx(norms)(torch.randn(4, 3, 5, 5)).graph
     outputs = graph.output_node().args[0]
     assert [_statistic_of(n) for n in outputs] == ["var_mean.correction", "var_mean.correction", None, None, "mean.dim"]
+
+
+def test_predicate_decodes_change_the_gradients_by_rounding_only(monkeypatch):
+    """Inductor's ReLU backwards read a decode of the predicate alone and their output is pinned
+    (``rewrite._decode_into``): a different graph, fused differently, so float sums round in another
+    order, but the masks are the same as when every reader decodes the values. In float64 that
+    rounding is ~1e-14 of a gradient; a single ReLU mask element flipped in a 4x16x16x16 stage
+    moves a gradient by far more than 1e-12. Neither compile may serve the other from a cache: the
+    partitioner's uuid does not see the monkeypatch."""
+    from test_quant import _no_dropout
+    from fxcompress.passes import rewrite
+
+    model, x = make_model("resnet")
+    _no_dropout(model)
+    model, x = model.double(), x.double()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        split = train_step(model, x, compressed("int4", "inductor"))
+        check_predicate_readers(split.module.capture_log.captures()[0].rewritten.bw.graph)
+        monkeypatch.setattr(rewrite, "_predicate_readers", lambda ph, codec: [])
+        torch._dynamo.reset()
+        whole = train_step(model, x, compressed("int4", "inductor"))
+        with pytest.raises(AssertionError):
+            check_predicate_readers(whole.module.capture_log.captures()[0].rewritten.bw.graph)
+    assert torch.equal(split.output, whole.output)
+    for name, g in split.grads.items():
+        assert float((g - whole.grads[name]).abs().max()) <= 1e-12 * float(g.abs().max()), name
