@@ -34,7 +34,7 @@ from .codecs.base import Layout
 from .codecs.uses import terminal_users, view_parent, view_root
 from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule
 from .errors import InternalError
-from .ir import CodecPlan, Program, SavedTensor, tensor_nbytes
+from .ir import CodecPlan, Program, SavedTensor, graph_module, tensor_nbytes
 from .passes.auxiliary import Substitution, apply_ara
 from .passes.rewrite import rewrite_saved_tensors
 from .passes.select import plan_codecs
@@ -368,7 +368,7 @@ class Partitioner(CustomPartitionerFn):
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with its own graph: same node names, each node's meta copied shallowly."""
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    return graph_module(gm, copy.deepcopy(gm.graph))
 
 
 def _lower_random_ops(fw: fx.GraphModule) -> None:

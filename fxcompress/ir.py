@@ -42,6 +42,21 @@ def module_path(node: fx.Node) -> str:
     return path
 
 
+def graph_module(root: fx.GraphModule, graph: fx.Graph, name: str = "GraphModule") -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, name)``, lazy where ``torch.compile`` makes its own lazy.
+
+    NB: fxcompress builds several GraphModules per captured graph (the rewrite's
+    copies, the compilers' copies) that nobody runs, and generating a ResNet-50
+    backward's Python code takes a fifth of a second each time. Under
+    ``torch.compile`` (``torch._dynamo.config.use_lazy_graph_module``, on by
+    default) FX's ``_LazyGraphModule`` generates it when first run or read, as
+    Dynamo and AOTAutograd do for theirs; elsewhere this is a plain GraphModule.
+    """
+    from torch.fx._lazy_graph_module import _make_graph_module
+
+    return _make_graph_module(root, graph, name)
+
+
 def tensor_nbytes(val: torch.Tensor) -> int:
     """Bytes a dense tensor of this shape and dtype occupies."""
     return int(val.numel()) * val.element_size()

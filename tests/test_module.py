@@ -123,3 +123,15 @@ def test_gradient_accumulation_two_forwards_before_backward():
         grads[label] = {n: p.grad for n, p in model.named_parameters()}
         torch._dynamo.reset()
     assert_grads_equal(grads["plain"], grads["lossless"])
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_rewritten_graph_modules_run_the_code_of_their_graphs(backend):
+    """The GraphModules fxcompress builds during compilation generate their code lazily (as
+    Dynamo's do); what they run and show must still be their final, rewritten graph."""
+    model, x = make_model("convnet")
+    cm = train_step(model, x, compressed("int8", backend)).module
+    (cap,) = cm.capture_log.captures()
+    for before, gm in ((cap.original.fw, cap.rewritten.fw), (cap.original.bw, cap.rewritten.bw)):
+        assert gm.code == gm.graph.python_code("self").src
+        assert gm.code != before.code  # the codec's encode/decode ops are in it

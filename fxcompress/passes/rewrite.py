@@ -30,7 +30,7 @@ from ..codecs.base import Layout
 from ..codecs.kernels import share_seed
 from ..codecs.uses import VIEW_OPS, PredicateUse, ShapeUse, uses_of
 from ..errors import InternalError
-from ..ir import META_KEY, CodecPlan, Program, SavedTensor
+from ..ir import META_KEY, CodecPlan, Program, SavedTensor, graph_module
 from .select import view_chain
 from .splice import copy_node, splice
 
@@ -249,7 +249,7 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
     graph.output_node().meta = copy.copy(gm.graph.output_node().meta)
-    return fx.GraphModule(gm, graph, gm.__class__.__name__), env
+    return graph_module(gm, graph, gm.__class__.__name__), env
 
 
 def _first_user(graph: fx.Graph, node: fx.Node, among=None) -> fx.Node | None:
