@@ -16,8 +16,10 @@ autocast) ``measured`` is the peak of the live bytes the profiler's
 allocator events add up to (:func:`cpu_peak`); nothing is reserved there.
 
 With ``backend="eager"`` the rewritten graphs run node by node as predicted;
-with ``backend="inductor"`` Inductor fuses away many transients, so its
-measured peak is shown beside the (graph-level) prediction, not checked.
+with ``backend="inductor"`` the plan leaves out the elementwise values
+Inductor computes inside their one reader's kernel (``analyze_liveness(...,
+inductor=True)``) but not its other choices, so its measured peak is shown
+beside the prediction, not checked.
 """
 from __future__ import annotations
 

@@ -220,8 +220,9 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
     if len(captures) > 1:
         notes.append(f"{len(captures)} captured graphs (graph breaks split the model); totals sum them")
         notes.append("predicted peak with several graphs: all their saved tensors plus the largest transient")
-    before = [analyze_liveness(cap.original) for cap in captures]
-    after = [analyze_liveness(cap.rewritten) for cap in captures]
+    inductor = cm.backend is Backend.INDUCTOR
+    before = [analyze_liveness(cap.original, inductor=inductor) for cap in captures]
+    after = [analyze_liveness(cap.rewritten, inductor=inductor) for cap in captures]
     plans = [plan_buffers(live) for live in after]
     return Report(
         config=cm.config.describe(),

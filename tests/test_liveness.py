@@ -8,7 +8,8 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxcompress
-from fxcompress.passes.liveness import analyze_liveness
+from fxcompress.codecs.uses import VIEW_OPS, view_root
+from fxcompress.passes.liveness import analyze_liveness, inlined_nodes
 from conftest import ZOO_NAMES, compressed, make_model, train_step
 from test_quant import _no_dropout
 
@@ -69,6 +70,39 @@ def test_predicted_peak_falls_with_int4(name):
     report = fxcompress.explain(train_step(model, x, compressed("int4")).module)
     assert report.predicted_peak_bytes_after < report.predicted_peak_bytes_before
     assert "predicted step peak:" in str(report)
+
+
+def _readers(node):
+    return [r for u in node.users
+            for r in (_readers(u) if u.target in VIEW_OPS and u.args[0] is node else [u])]
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_inductor_plan_drops_only_values_their_one_reader_computes(name):
+    """``inductor=True`` leaves out an elementwise value that one elementwise op or reduction reads
+    (Inductor computes it in that kernel) and nothing else: a value an extern kernel (a convolution's
+    or matmul's backward), a layout pin, the graph output or several ops read keeps its range."""
+    model, x = make_model(name)
+    (cap,) = train_step(model, x, compressed("int4")).module.capture_log.captures()
+    program = cap.rewritten
+    inlined = inlined_nodes(program)
+    stored = {view_root(s.fw_node) for s in program.saved}
+    assert inlined, "nothing inlined: the zoo's norms and codecs have elementwise chains"
+    for node in inlined:
+        (reader,) = _readers(node)
+        pointwise = torch.Tag.pointwise in reader.target.tags or reader.target is torch.ops.aten._to_copy.default
+        assert node not in stored and (pointwise or torch.Tag.reduction in reader.target.tags), (node, reader)
+    extern = {torch.ops.aten.convolution_backward.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+              torch.ops.prims.inductor_force_stride_order.default}
+    fed = [n for g in (program.fw.graph, program.bw.graph) for n in g.nodes
+           if n.op == "call_function" and any(r.op == "output" or r.target in extern for r in _readers(n))]
+    assert fed and not inlined.intersection(fed)
+
+    eager, fused = analyze_liveness(program), analyze_liveness(program, inductor=True)
+    assert {r.node for r in fused.ranges} == {r.node for r in eager.ranges} - inlined
+    assert all(f <= e for f, e in zip(fused.live_bytes, eager.live_bytes))
+    if name in ("convnet", "transformer"):  # their peaks are in a norm's or decode's elementwise chain
+        assert fused.peak_bytes < eager.peak_bytes
 
 
 @pytest.mark.parametrize("name", ["mlp", "convnet", "transformer"])

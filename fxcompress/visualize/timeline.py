@@ -22,6 +22,7 @@ import subprocess
 import warnings
 from typing import TYPE_CHECKING
 
+from ..config import Backend
 from ..errors import FxCompressError, NotCapturedError
 from ..passes.buffers import plan_buffers
 from ..passes.liveness import Liveness, analyze_liveness
@@ -70,7 +71,7 @@ def timeline_dot(cm: "CompressedModule", *, max_lanes: int = 40, buckets: int = 
     previous = None
     for k, cap in enumerate(captures):
         for which, program in (("before", cap.original), ("after", cap.rewritten)):
-            live = analyze_liveness(program)
+            live = analyze_liveness(program, inductor=cm.backend is Backend.INDUCTOR)
             lanes = _saved_lanes(cap, program, live, which)
             lanes = _group(lanes, max_lanes)
             lanes += _buffer_lanes(live)
