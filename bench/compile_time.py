@@ -21,6 +21,12 @@ target: at most 1.3x ``torch.compile``).
 - ``--codegen triton``: Inductor generates Triton kernels for the CPU and compiles none
   (``traffic.triton_codegen_only``), the forward's first launch ends the step: the CPU
   proxy of a GPU compile without Triton's own compile time, which only a device measures.
+- ``--codegen triton-build``: the proxy, and each kernel, as it is generated, compiled for an
+  H100 (sm_90) with Triton's compiler and the ``ptxas`` its wheel carries
+  (``traffic.TritonBuild``): every config the autotuner would benchmark, one after the
+  other, in the step, so the first step includes Triton's compile as a device's does, but
+  serial, where a GPU machine compiles in one worker process per core; ``triton_build_s``
+  is that compile's own time, ``kernels`` and ``binaries`` what it made.
 - ``--backend eager``: fxcompress's eager backend (no code generation; ``plain`` is
   ``aot_eager``); the step runs, so it includes the codecs' unfused eager ops.
 """
@@ -69,7 +75,8 @@ def run_one(model: str, variant: str, backend: str, codegen: str, device: str, b
     call, base = capture.Partitioner.__call__, capture.Partitioner._base
     capture.Partitioner.__call__ = timing(call, "partitioner")
     capture.Partitioner._base = lambda self: timing(base(self), "base")  # PyTorch's partitioner, inside
-    proxy = traffic.triton_codegen_only() if codegen == "triton" else contextlib.nullcontext()
+    triton_build = traffic.TritonBuild() if codegen == "triton-build" else None
+    proxy = traffic.triton_codegen_only(build=triton_build) if codegen.startswith("triton") else contextlib.nullcontext()
     started = time.perf_counter()
     try:
         with proxy, traffic.step_autocast(device, codegen):
@@ -82,7 +89,9 @@ def run_one(model: str, variant: str, backend: str, codegen: str, device: str, b
     forward_s, backward_s = _inductor_graphs_s()
     return {"first_step_s": first, "fxcompress_s": spent["partitioner"] - spent["base"],
             "inductor_forward_s": forward_s, "inductor_backward_s": backward_s,
-            "traces": splice.TRACE_COUNTS["made"], "traces_reused": splice.TRACE_COUNTS["reused"]}
+            "traces": splice.TRACE_COUNTS["made"], "traces_reused": splice.TRACE_COUNTS["reused"],
+            "triton_build_s": triton_build and triton_build.seconds,
+            "kernels": triton_build and triton_build.kernels, "binaries": triton_build and triton_build.binaries}
 
 
 def _inductor_graphs_s() -> tuple[float | None, float | None]:
@@ -103,15 +112,16 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet", "transformer"])
     p.add_argument("--variants", nargs="+", default=["plain", "int4", "int4/triton"])
     p.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
-    p.add_argument("--codegen", choices=["run", "triton"], default="run",
-                   help="run: compile (on a device, Triton too) and run; triton: the CPU proxy, generated only")
+    p.add_argument("--codegen", choices=["run", "triton", "triton-build"], default="run",
+                   help="run: compile (on a device, Triton too) and run; triton: the CPU proxy, generated only; "
+                        "triton-build: the proxy, each kernel also compiled for an H100 (sm_90)")
     p.add_argument("--batch", type=int)
     p.add_argument("--repeat", type=int, default=1, help="cold runs per variant (the median is shown)")
     p.add_argument("--timeout", type=float, help="seconds per run")
     p.add_argument("--out", help="results JSON to add rows to (key 'compile_time')")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.codegen == "triton" and (args.device != "cpu" or args.backend != "inductor"):
+    if args.codegen.startswith("triton") and (args.device != "cpu" or args.backend != "inductor"):
         p.error("--codegen triton is Inductor's code generation for the CPU: --backend inductor --device cpu")
     if args.one:
         print("RESULT " + json.dumps(run_one(*args.one, args.backend, args.codegen, args.device, args.batch)), flush=True)
@@ -136,10 +146,15 @@ def main() -> None:
                    "inductor_s": _medians(runs, "inductor_forward_s", "inductor_backward_s"),
                    "runs_s": [r["first_step_s"] for r in runs], "traces": runs[0]["traces"],
                    "traces_reused": runs[0]["traces_reused"]}
+            if args.codegen == "triton-build":
+                row.update(triton_build_s=statistics.median(r["triton_build_s"] for r in runs),
+                           kernels=runs[0]["kernels"], binaries=runs[0]["binaries"])
             ratio = f"{first / plain:>8.2f}" if plain else f"{'':>8}"
             print(f"{model:<12} {variant:<14} {first:>12.1f} {ratio} {row['fxcompress_s']:>12.1f} "
                   f"{_pair(row['inductor_s']):>18} {row['traces']:>7} {row['traces_reused']:>7}  "
-                  f"{', '.join(f'{s:.1f}' for s in row['runs_s'])}", flush=True)
+                  f"{', '.join(f'{s:.1f}' for s in row['runs_s'])}"
+                  + (f"  Triton build {row['triton_build_s']:.1f} s, {row['kernels']} kernels, "
+                     f"{row['binaries']} binaries" if "kernels" in row else ""), flush=True)
             put_result(args.out, results, "compile_time", row, ("model", "variant", "batch", "backend", "codegen"))
 
 

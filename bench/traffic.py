@@ -48,6 +48,7 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,8 +110,59 @@ class _Empty:
         return lambda *args, **kwargs: None
 
 
+# NB: an H100's, so that the autotuner picks the configs (block sizes, warps) it picks on one
+H100 = ("DeviceProperties(type='cuda', index=0, multi_processor_count=132, cc=90, major=9, "
+        "regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, max_threads_per_block=1024, "
+        "warp_size=32)")
+
+
+class TritonBuild:
+    """Compiles each kernel the proxy generates for an H100 (sm_90), as a GPU's first step does.
+
+    Triton's compiler and the ``ptxas`` its wheel carries run on the CPU: each kernel's
+    source, its device properties made an H100's, is loaded, and every config its autotuner
+    would benchmark is compiled to a cubin, one after the other (a GPU machine compiles them
+    in parallel worker processes, one per core). ``seconds`` sums those compiles, the CPU time
+    a device's workers share; ``kernels`` and ``binaries`` count them, ``cubin_bytes`` sums the
+    machine code.
+    """
+
+    def __init__(self) -> None:
+        self.seconds, self.kernels, self.binaries, self.cubin_bytes = 0.0, 0, 0, 0
+        self._dir = tempfile.mkdtemp(prefix="fxcompress-triton-build-")
+
+    def __call__(self, name: str, source: str) -> None:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        started = time.perf_counter()
+        source = re.sub(r"DeviceProperties\(type='cpu'[^)]*\)", H100, source)
+        path = os.path.join(self._dir, f"{name}_{self.kernels}.py")
+        with open(path, "w") as f:
+            f.write(source.replace("triton_helpers.set_driver_to_cpu()", ""))
+        spec = importlib.util.spec_from_file_location(f"_fxcompress_kernel_{self.kernels}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tuner = getattr(module, name)
+        meta, fn = tuner.triton_meta, tuner.fn
+        signature = dict(meta["signature"])
+        attrs = meta["configs"][0] if meta.get("configs") else {}
+        for config in tuner.configs:
+            values = {**meta.get("constants", {}), **config.kwargs}
+            constexprs = {(fn.arg_names.index(k),): v for k, v in values.items() if k in fn.arg_names}
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                       "enable_fp_fusion": meta.get("enable_fp_fusion", True)}
+            compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options=options)
+            self.binaries += 1
+            self.cubin_bytes += len(compiled.asm["cubin"])
+        self.kernels += 1
+        self.seconds += time.perf_counter() - started
+
+
 @contextlib.contextmanager
-def triton_codegen_only(run_empty: bool = False):
+def triton_codegen_only(run_empty: bool = False, build: TritonBuild | None = None):
     """Inductor lowers to Triton for the CPU device and records, never compiles, its kernels.
 
     ``run_empty``: the step runs on, each Triton kernel launched as a no-op and every buffer
@@ -118,6 +170,7 @@ def triton_codegen_only(run_empty: bool = False):
     allocations, the frees and the extern kernels (convolutions, matrix products) are real,
     the values are not. ``bench/peak.py --codegen triton`` measures the memory of the code
     Triton's scheduler makes that way: which buffers live when, as on a GPU.
+    ``build``: each kernel is also compiled for an H100 as it is generated (:class:`TritonBuild`).
     """
     if importlib.util.find_spec("triton") is None:
         raise SystemExit("--codegen triton needs Triton's compiler package: pip install triton")
@@ -133,7 +186,12 @@ def triton_codegen_only(run_empty: bool = False):
     def zeroed(size, stride, dtype):
         return torch.empty_strided(size, stride, dtype=dtype).zero_()
 
-    patches = [(async_compile.AsyncCompile, "triton", lambda self, *a, **k: _Empty() if run_empty else Unrunnable()),
+    def kernel(self, name, source, *args, **kwargs):
+        if build is not None:
+            build(name, source)
+        return _Empty() if run_empty else Unrunnable()
+
+    patches = [(async_compile.AsyncCompile, "triton", kernel),
                # NB: asks Triton's active driver, and a machine without a GPU has none
                (torch_triton, "triton_hash_with_backend", lambda: "codegen-only")]
     if run_empty:  # NB: the generated module binds it when it is loaded, after this patch
@@ -158,7 +216,7 @@ def step_autocast(device: str, codegen: str) -> torch.autocast:
     """bf16 autocast where a GPU step runs it: on a GPU, and for ``--codegen triton`` (Triton's fusion as
     a GPU sees it); off for the CPU's own code (C++). Also ``compile_time.py``'s."""
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
-                          enabled=device.startswith("cuda") or codegen == "triton")
+                          enabled=device.startswith("cuda") or codegen.startswith("triton"))
 
 
 @contextlib.contextmanager

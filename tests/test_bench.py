@@ -277,3 +277,31 @@ def test_compile_time_gives_cold_runs_beside_plain(tmp_path):
     ratio = rows["int4"]["first_step_s"] / rows["plain"]["first_step_s"]
     assert f"| mlp | default | eager | int4 | {rows['int4']['first_step_s']:.1f} | {ratio:.2f} |" in section
     assert "at most 1.3×" in section
+
+
+def test_the_triton_build_compiles_each_generated_kernel_for_an_h100():
+    """``compile_time.py --codegen triton-build``: every kernel the proxy generates is compiled, each
+    autotuning config to an sm_90 cubin, by Triton and its ptxas on this CPU, inside the step."""
+    import traffic
+
+    build = traffic.TritonBuild()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU())
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), traffic.triton_codegen_only(run_empty=True, build=build):
+        torch.compile(model)(torch.randn(8, 16)).sum().backward()
+    torch._dynamo.reset()
+    assert build.kernels >= 2 and build.binaries >= build.kernels  # forward and backward; some with several configs
+    assert build.cubin_bytes > 1000 * build.binaries and build.seconds > 0
+
+
+def test_built_compile_rows_show_the_triton_compile_beside_the_proxy():
+    row = {"model": "resnet50", "variant": "int4", "batch": 8, "backend": "inductor", "codegen": "triton-build",
+           "first_step_s": 90.0, "fxcompress_s": 2.0, "inductor_s": [10.0, 20.0], "runs_s": [90.0],
+           "triton_build_s": 50.0, "kernels": 480, "binaries": 700}
+    plain = {**row, "variant": "plain", "first_step_s": 60.0, "fxcompress_s": 0.0, "kernels": 400}
+    data = {"compile_time": [plain, row], "environment": {"device": "cpu", "torch": "2.13.0", "date": "2026-12-05"},
+            "commands": ["python bench/compile_time.py --codegen triton-build"]}
+    section = report._compile_time(pathlib.Path("c.json"), data)
+    assert "| resnet50 | 8 | inductor (Triton proxy + H100 build) | int4 | 90.0 | 1.50 | 2.0 | 10.0 / 20.0 | 50.0 (480) |" \
+        in section
+    assert "sm_90" in section
