@@ -242,20 +242,20 @@ def _compile_time(path: pathlib.Path, data: dict) -> str:
     rows = data["compile_time"]
     proxy = any(r["codegen"] == "triton" for r in rows)
     built = any(r["codegen"] == "triton-build" for r in rows)
-    what = (" (the CPU proxy: Inductor generates Triton kernels for the CPU and compiles none, so Triton's "
-            "own compile time, which only a device measures, is not in it)" if proxy else "")
+    what = (" (the CPU proxy, `inductor (Triton proxy)`: Inductor generates Triton kernels for the CPU and "
+            "compiles none, so Triton's own compile is not in it)" if proxy else "")
     lines = [
         f"Compile time{what}: the first training step, cold (each run a fresh process with empty Inductor "
         f"and Triton caches), median of the runs; `fxcompress s` is the time of fxcompress's own passes in it, "
         f"`Inductor fw / bw s` Inductor's compile of the forward and of the backward graph "
-        f"(`{path.name}`, {_where(data['environment'])}; {_commands(data)}). Target (issue 6): at most "
-        f"{COMPILE_TARGET}× `torch.compile`'s:",
+        f"(`{path.name}`, {_where(data['environment'])}; {_commands(data)}).",
     ]
     if built:
-        lines[-1] += (" Backend `(Triton proxy + H100 build)`: the proxy, with each kernel also compiled for an "
+        lines[-1] += (" `inductor (Triton proxy + H100 build)` is the proxy with each kernel also compiled for an "
                       "H100 (sm_90) on the CPU by Triton and its `ptxas`, every autotuning config, one after the "
-                      "other; `Triton s` is that compile (a GPU machine spreads it over its cores), in the first "
-                      "step's time.")
+                      "other; `Triton s` is that compile, part of `Inductor fw / bw s` (a GPU machine spreads it "
+                      "over its cores).")
+    lines[-1] += f" Target (issue 6): at most {COMPILE_TARGET}× `torch.compile`'s first step."
     lines += [
         "",
         "| model | batch | backend | variant | first step s | × plain | fxcompress s | Inductor fw / bw s | "
