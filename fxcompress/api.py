@@ -200,6 +200,8 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
                 bytes_before, bytes_after = saved.own_bytes, saved.own_bytes
             else:
                 bytes_before, bytes_after = saved.own_bytes, encoded_bytes.get(saved.index, 0)
+            if saved.added:
+                bytes_before = 0  # NB: plain torch.compile saves none of it: fxcompress's cost, after only
             rows.append(
                 ReportRow(
                     program=cap.original.name,
@@ -221,7 +223,7 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
         notes.append(f"{len(captures)} captured graphs (graph breaks split the model); totals sum them")
         notes.append("predicted peak with several graphs: all their saved tensors plus the largest transient")
     inductor = cm.backend is Backend.INDUCTOR
-    before = [analyze_liveness(cap.original, inductor=inductor) for cap in captures]
+    before = [analyze_liveness(cap.before, inductor=inductor) for cap in captures]
     after = [analyze_liveness(cap.rewritten, inductor=inductor) for cap in captures]
     plans = [plan_buffers(live) for live in after]
     return Report(

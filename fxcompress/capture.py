@@ -6,6 +6,7 @@ decided what the forward saves. :class:`Partitioner` runs PyTorch's own
 partitioner, then fxcompress's stages, and hands the rewritten graphs back:
 
     joint graph --PyTorch partitioner--> fw, bw --extract_program--> Program
+      --save_predicates--> Program
       --plan_codecs--> CodecPlan --rewrite_saved_tensors--> Program'
 
 For ``backend="inductor"`` it is installed as Inductor's
@@ -34,8 +35,9 @@ from .codecs.base import Layout
 from .codecs.uses import terminal_users, view_parent, view_root
 from .config import Backend, BasePartitioner, Codec, CompressConfig, LearningRule
 from .errors import InternalError
-from .ir import CodecPlan, Program, SavedTensor, graph_module, tensor_nbytes
+from .ir import META_KEY, CodecPlan, Program, SavedTensor, graph_module, saved_pairs, tensor_nbytes
 from .passes.auxiliary import Substitution, apply_ara
+from .passes.predicates import save_predicates
 from .passes.rewrite import rewrite_saved_tensors
 from .passes.select import plan_codecs
 
@@ -55,7 +57,7 @@ def extract_program(
     ``parameters`` names the forward placeholders that hold parameters and
     buffers (AOTAutograd's static-lifetime inputs).
     """
-    outputs, tensors, placeholders = _saved_pairs(fw, bw, num_fwd_outputs)
+    outputs, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
     fw_inputs = {n for n in fw.graph.nodes if n.op == "placeholder"}
     user_outputs = set(outputs[:num_fwd_outputs])
     index_of = {node: i for i, node in enumerate(tensors)}
@@ -83,6 +85,7 @@ def extract_program(
                 is_forward_output=node in user_outputs,
                 from_parameters=from_parameters[node],
                 view_of=_view_base(node, index_of),
+                added=node.meta.get(META_KEY, {}).get("role") == "predicate",
             )
         )
     return Program(name, fw, bw, num_fwd_outputs, tuple(saved), parameters)
@@ -100,10 +103,6 @@ def _from_parameters(graph: fx.Graph, parameters: frozenset[str]) -> dict[fx.Nod
         reads_params[node] = any(reads_params[n] for n in inputs)
         reads_other[node] = any(reads_other[n] for n in inputs)
     return {n: reads_params[n] and not reads_other[n] for n in graph.nodes}
-
-
-def _is_sym(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int))
 
 
 def _view_base(node: fx.Node, index_of: dict[fx.Node, int]) -> int | None:
@@ -128,7 +127,7 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     than were saved) and are several, or one not dense. Edits the partitioned
     graphs in place; returns how many bases it added.
     """
-    outputs, tensors, placeholders = _saved_pairs(fw, bw, num_fwd_outputs)
+    outputs, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
     saved = set(tensors)
     groups: dict[fx.Node, list[int]] = {}
     for i, node in enumerate(tensors):
@@ -190,7 +189,7 @@ def restride_for_inductor(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_output
         return 0
     from torch._prims_common import make_channels_last_strides_for
 
-    outputs, tensors, placeholders = _saved_pairs(fw, bw, num_fwd_outputs)
+    outputs, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
     user_outputs = set(outputs[:num_fwd_outputs])
     changed = 0
     for node, ph in zip(tensors, placeholders, strict=True):
@@ -216,24 +215,6 @@ class _GraphOf:
     module: fx.GraphModule
 
 
-def _saved_pairs(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int):
-    """The forward's outputs, its saved tensors, and the backward placeholder of each, by position
-    (:func:`extract_program` states the calling convention)."""
-    outputs = list(fw.graph.output_node().args[0])
-    tensors, n_sym = _saved_values(outputs[num_fwd_outputs:])
-    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
-    return outputs, tensors, bw_phs[n_sym: n_sym + len(tensors)]
-
-
-def _saved_values(extra: list) -> tuple[list[fx.Node], int]:
-    """The forward's saved tensors (a prefix of its outputs after the user's) and how many symbolic
-    ints follow them (the backward's first placeholders)."""
-    tensors = [n for n in extra if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), FakeTensor)]
-    if extra[: len(tensors)] != tensors:
-        raise InternalError("saved tensors are not a prefix of the saved values")
-    return tensors, sum(1 for n in extra if isinstance(n, fx.Node) and _is_sym(n))
-
-
 @dataclasses.dataclass(frozen=True)
 class Capture:
     """What one partitioner call saw and produced."""
@@ -243,6 +224,12 @@ class Capture:
     plan: CodecPlan
     rewritten: Program
     substitutions: tuple[Substitution, ...] = ()  # learning_rule="ara": what each conv's weight gradient reads
+    partitioned: Program | None = None  # PyTorch's partition, where fxcompress saved more (save_predicates)
+
+    @property
+    def before(self) -> Program:
+        """What plain ``torch.compile`` saves: the program before fxcompress's stages."""
+        return self.partitioned or self.original
 
 
 class CaptureLog:
@@ -334,7 +321,11 @@ class Partitioner(CustomPartitionerFn):
         save_view_bases(fw, bw, kwargs["num_fwd_outputs"])
         if self.config.codec is not Codec.NONE and self.backend is Backend.INDUCTOR:
             restride_for_inductor(fw, bw, kwargs["num_fwd_outputs"])
-        program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
+        partitioned = program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
+        if self.config.codec not in (Codec.NONE, Codec.LOSSLESS):
+            fw, bw = save_predicates(fw, bw, kwargs["num_fwd_outputs"])
+            if fw is not partitioned.fw:
+                program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
         learned, substitutions = program, ()
         if self.config.learning_rule is LearningRule.ARA:
             learned, substitutions = apply_ara(program, self.config.ara_stride)
@@ -343,7 +334,8 @@ class Partitioner(CustomPartitionerFn):
                                           pin_layouts=self.backend is Backend.INDUCTOR)
         if self.backend is Backend.INDUCTOR:
             _lower_random_ops(rewritten.fw)
-        self.log.record(Capture(key, program, plan, rewritten, substitutions))
+        self.log.record(Capture(key, program, plan, rewritten, substitutions,
+                                partitioned if partitioned is not program else None))
         # NB: the compilers get copies: Inductor's passes edit the graphs they
         # are given in place (torch 2.11's noop removal erased a saved cast the
         # record still named), and the record must stay the program fxcompress built.

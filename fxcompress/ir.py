@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .errors import InternalError
 
 if TYPE_CHECKING:
     from .codecs import Codec
@@ -86,6 +89,7 @@ class SavedTensor:
     from_parameters: bool = False  # computed from parameters/buffers alone (autocast's weight copy)
     view_of: int | None = None  # index of the saved tensor whose storage this one views
     source: int | None = None  # in a rewritten Program: index of the original tensor this encodes
+    added: bool = False  # saved by fxcompress, not by PyTorch's partitioner (passes/predicates.py)
 
     @property
     def name(self) -> str:
@@ -218,6 +222,37 @@ class Report:
         from .visualize.report import format_report
 
         return format_report(self)
+
+
+def saved_pairs(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int):
+    """The forward's outputs, its saved tensors, and the backward placeholder of each, by position
+    (:class:`Program` states the calling convention)."""
+    outputs = list(fw.graph.output_node().args[0])
+    tensors, n_sym = _saved_values(outputs[num_fwd_outputs:])
+    bw_phs = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    return outputs, tensors, bw_phs[n_sym: n_sym + len(tensors)]
+
+
+def _saved_values(extra: list) -> tuple[list[fx.Node], int]:
+    """The forward's saved tensors (a prefix of its outputs after the user's) and how many symbolic
+    ints follow them (the backward's first placeholders)."""
+    tensors = [n for n in extra if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), FakeTensor)]
+    if extra[: len(tensors)] != tensors:
+        raise InternalError("saved tensors are not a prefix of the saved values")
+    return tensors, sum(1 for n in extra if isinstance(n, fx.Node) and _is_sym(n))
+
+
+def _is_sym(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int))
+
+
+def elementwise(node: fx.Node) -> bool:
+    """An elementwise aten op (tagged pointwise, or a ``_to_copy`` that only casts the dtype)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.target is torch.ops.aten._to_copy.default:  # a dtype cast; a device or layout change is a copy
+        return set(node.kwargs) <= {"dtype"}
+    return torch.Tag.pointwise in node.target.tags
 
 
 def target_name(node: fx.Node) -> str:

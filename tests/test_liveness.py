@@ -52,7 +52,7 @@ def test_saved_ranges_match_the_report_and_respect_their_invariant(name):
     report = fxcompress.explain(step.module)
     live = analyze_liveness(cap.rewritten)
     assert live.saved_bytes == report.saved_bytes_after
-    assert analyze_liveness(cap.original).saved_bytes == report.saved_bytes_before
+    assert analyze_liveness(cap.before).saved_bytes == report.saved_bytes_before
     for r in live.ranges:
         assert 0 <= r.start <= r.end < len(live.order)
         if r.saved:  # produced in the forward, last read in the backward

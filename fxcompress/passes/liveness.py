@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from ..codecs.uses import VIEW_OPS, view_root
-from ..ir import Program, tensor_nbytes
+from ..ir import Program, elementwise, tensor_nbytes
 
 __all__ = ["LiveRange", "Liveness", "analyze_liveness", "inlined_nodes", "writes_triton"]
 
@@ -136,7 +136,7 @@ def inlined_nodes(program: Program) -> frozenset[fx.Node]:
         node
         for graph in (program.fw.graph, program.bw.graph)
         for node in graph.nodes
-        if _elementwise(node) and _fusable(_readers(node))
+        if elementwise(node) and _fusable(_readers(node))
     )
 
 
@@ -153,14 +153,6 @@ def writes_triton(program: Program) -> bool:
     return devices != {"cpu"} or inductor_config.cpu_backend == "triton"
 
 
-def _elementwise(node: fx.Node) -> bool:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    if node.target is aten._to_copy.default:  # a dtype cast; a device or layout change is a copy
-        return set(node.kwargs) <= {"dtype"}
-    return torch.Tag.pointwise in node.target.tags
-
-
 def _readers(node: fx.Node) -> list[fx.Node]:
     out = []
     for user in node.users:
@@ -175,7 +167,7 @@ def _fusable(readers: list[fx.Node]) -> bool:
     if len(readers) != 1:
         return False
     (reader,) = readers
-    return _elementwise(reader) or (isinstance(reader.target, torch._ops.OpOverload)
+    return elementwise(reader) or (isinstance(reader.target, torch._ops.OpOverload)
                                     and torch.Tag.reduction in reader.target.tags)
 
 

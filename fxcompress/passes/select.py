@@ -15,7 +15,10 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    output is decoded from the same code (nothing of its own stored).
 5. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
 6. Not dense in memory (gaps or overlaps): keep.
-7. bool: :class:`BitMask`.
+7. bool: :class:`BitMask` (a comparison that
+   :func:`~fxcompress.passes.predicates.save_predicates` added among them).
+   Not read by the backward at all (``save_predicates`` saved what it read
+   of it): nothing stored.
 8. Read as values by an op that needs them exact (normalization
    statistics, attention's log-sum-exp), a normalization statistic the
    graph computes itself (a decomposed norm's ``var_mean``: Inductor's
@@ -108,6 +111,9 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     if not layout.is_dense():
         return Decision(None, f"not dense in memory (stride {saved.stride})")
     if saved.dtype == torch.bool:
+        if saved.added:
+            return Decision(BitMask(layout), "a comparison the backward made of recomputed values, "
+                                             "saved so that it stays exact: 8 per byte")
         return Decision(BitMask(layout), "bool: 8 per byte")
 
     uses = [u for reader in readers for _, u in uses_of(reader)]
@@ -125,7 +131,9 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     if values:
         ops = ", ".join(sorted({u.op for u in values}))
         return _lossy(saved, layout, uses, ops, config)
-    if not uses or all(isinstance(u, ShapeUse) for u in uses):
+    if not uses:
+        return Decision(ShapeOnly(layout), "no longer read: the backward's comparisons of it are saved")
+    if all(isinstance(u, ShapeUse) for u in uses):
         return Decision(ShapeOnly(layout), "read only for its shape")
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
     bounds = [u.bound for u in uses if isinstance(u, IndexUse)]

@@ -70,7 +70,7 @@ def timeline_dot(cm: "CompressedModule", *, max_lanes: int = 40, buckets: int = 
     ]
     previous = None
     for k, cap in enumerate(captures):
-        for which, program in (("before", cap.original), ("after", cap.rewritten)):
+        for which, program in (("before", cap.before), ("after", cap.rewritten)):
             live = analyze_liveness(program, inductor=cm.backend is Backend.INDUCTOR)
             lanes = _saved_lanes(cap, program, live, which)
             lanes = _group(lanes, max_lanes)

@@ -1,0 +1,169 @@
+"""Save the comparisons the backward makes of values it recomputes, so that lossy codecs keep masks exact.
+
+Inductor's partitioner (min-cut) recomputes cheap elementwise values in the
+backward instead of saving them. A batch-norm then a ReLU6 whose output no
+other op needs: the backward recomputes the batch-norm output from the saved
+convolution output and compares it::
+
+    bw:  bn    = (convolution - mean) * rstd * w + b       recomputed
+         mask  = le(bn, 0) | ge(bn, 6)
+         grad  = where(mask, 0, g)
+
+Under a lossy codec ``convolution`` decodes to nearby values, and ``mask``
+would flip where ``bn`` lies near 0 or 6: such an element's gradient passes
+whole or is dropped, an error no codec bound covers (a ReLU's, a leaky ReLU's,
+a hardtanh's mask alike). :func:`save_predicates` moves each such comparison
+into the forward, where the values are exact, and saves its bool result
+(:class:`~fxcompress.codecs.lossless.BitMask` stores 1 bit per element)::
+
+    fw:  mask  = le(bn', 0) | ge(bn', 6)                   saved
+    bw:  grad  = where(mask, 0, g)
+
+A recomputation that other ops read as values stays in the backward (those
+reads are the codec's approximation, with its bound). A comparison made
+directly of a saved tensor is not moved: the codecs keep it exact in the
+tensor's own code (``mask[...]``, ``+clamped``, ``+split``).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from ..codecs.uses import VIEW_OPS, view_root
+from ..ir import elementwise, graph_module, saved_pairs
+from .splice import copy_node
+
+__all__ = ["save_predicates"]
+
+aten = torch.ops.aten
+
+_COMPARES = frozenset({aten.le, aten.lt, aten.ge, aten.gt, aten.eq, aten.ne})
+_CONSTANTS = frozenset({aten.full.default, aten.scalar_tensor.default})
+
+
+def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
+                    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """A forward that computes and saves each bool the backward derives from recomputed values,
+    and a backward that reads it; ``fw`` and ``bw`` themselves where there is none.
+
+    The new saved tensors follow the others (AOTAutograd's calling convention).
+    The graphs given are not changed; a saved tensor that the backward no longer
+    reads stays saved, for the codec plan to store nothing of it.
+    """
+    masks = _masks(fw, bw, num_fwd_outputs)
+    if not masks:
+        return fw, bw
+    fw, fw_of = _copy(fw)
+    bw, bw_of = _copy(bw)
+    masks = [bw_of[m] for m in masks]
+    outputs, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
+    source = dict(zip(placeholders, tensors, strict=True))
+    computable = _forward_computable(bw, source)
+    env: dict[fx.Node, fx.Node] = dict(source)
+    for mask in masks:
+        _copy_cone(fw.graph, mask, computable, env)
+    last = placeholders[-1]
+    for mask in masks:
+        with bw.graph.inserting_after(last):
+            last = bw.graph.placeholder(f"{mask.name}_saved")
+        last.meta["val"] = mask.meta["val"]
+        mask.replace_all_uses_with(last)
+    n_saved = num_fwd_outputs + len(tensors)
+    fw.graph.output_node().args = (tuple(outputs[:n_saved] + [env[m] for m in masks] + outputs[n_saved:]),)
+    bw.graph.eliminate_dead_code()
+    for gm in (fw, bw):
+        gm.graph.lint()
+        gm.recompile()
+    return fw, bw
+
+
+def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
+    """The backward's bools to save: computable in the forward, read by the backward's own work,
+    and comparing a recomputed value of a tensor that a lossy codec may encode."""
+    _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
+    source = dict(zip(placeholders, tensors, strict=True))
+    fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
+    computable = _forward_computable(bw, source)
+    return [n for n in bw.graph.nodes
+            if n in computable and n not in source and _is_bool(n)
+            and any(u not in computable for u in n.users)
+            and _compares_recomputed(n, computable, source, fw_inputs)]
+
+
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm`` with its own graph, and each node's copy."""
+    graph = copy.deepcopy(gm.graph)
+    return graph_module(gm, graph), dict(zip(gm.graph.nodes, graph.nodes, strict=True))
+
+
+def _forward_computable(bw: fx.GraphModule, source: dict[fx.Node, fx.Node]) -> set[fx.Node]:
+    """Backward nodes the forward could compute: saved tensors and what elementwise ops,
+    views and constants make of them alone (nothing that reads a gradient)."""
+    computable = set(source)
+    for node in bw.graph.nodes:
+        if node.op == "call_function" and _recomputable(node) and all(
+            i in computable for i in node.all_input_nodes
+        ):
+            computable.add(node)
+    return computable
+
+
+def _recomputable(node: fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    return elementwise(node) or target in VIEW_OPS or target in _CONSTANTS
+
+
+def _is_bool(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.bool
+
+
+def _cone(node: fx.Node, computable: set[fx.Node], source: dict[fx.Node, fx.Node]) -> set[fx.Node]:
+    """``node`` and its computable ancestors, saved tensors included."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n not in source:
+            todo.extend(i for i in n.all_input_nodes if i in computable)
+    return seen
+
+
+def _compares_recomputed(
+    mask: fx.Node, computable: set[fx.Node], source: dict[fx.Node, fx.Node], fw_inputs: frozenset[fx.Node]
+) -> bool:
+    """Whether ``mask`` compares a value the backward computes (not a view of a saved tensor),
+    from at least one saved floating-point tensor that a lossy codec may encode (not a graph input)."""
+    cone = _cone(mask, computable, source)
+    compares_computed = any(
+        n.op == "call_function" and getattr(n.target, "overloadpacket", None) in _COMPARES
+        and any(view_root(a) not in source for a in n.args if isinstance(a, fx.Node))
+        for n in cone
+    )
+    return compares_computed and any(
+        n in source and n.meta["val"].is_floating_point() and view_root(source[n]) not in fw_inputs
+        for n in cone
+    )
+
+
+def _copy_cone(graph: fx.Graph, mask: fx.Node, computable: set[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
+    """Copy what ``mask`` needs of the backward into the forward ``graph``, after the last forward
+    node it reads (not at the end: the bool is encoded as soon as it exists)."""
+    cone = _cone(mask, computable, {n: n for n in env})
+    todo = [n for n in mask.graph.nodes if n in cone and n not in env]
+    if not todo:
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inputs = [env[i] for n in todo for i in n.all_input_nodes if i in env]
+    anchor = max(inputs, key=order.__getitem__)  # NB: never empty: a mask reads a saved tensor
+    for node in todo:
+        with graph.inserting_after(anchor):
+            anchor = env[node] = copy_node(graph, node, env, {"role": "predicate", "of": mask.name})

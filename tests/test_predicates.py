@@ -1,0 +1,108 @@
+"""save_predicates: comparisons the backward makes of recomputed values are saved exact."""
+import copy
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fxcompress
+from fxcompress.capture import extract_program
+from fxcompress.codecs import BitMask, ShapeOnly
+from fxcompress.passes.predicates import save_predicates
+from fxcompress.passes.select import plan_codecs
+
+ACTIVATIONS = {
+    "relu": lambda: torch.nn.ReLU(),
+    "relu6": lambda: torch.nn.ReLU6(),
+    "leaky_relu": lambda: torch.nn.LeakyReLU(0.1),
+    "hardtanh": lambda: torch.nn.Hardtanh(-0.5, 0.7),
+}
+
+
+class _NormAct(torch.nn.Module):
+    """conv -> batch-norm -> activation, its output weighted by a parameter: no op after the
+    activation saves its output, so min-cut recomputes the batch-norm output in the backward, and the
+    batch-norm bias's gradient is the sum of the weights the activation's mask lets through."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.act = act
+        self.weight = torch.nn.Parameter(torch.randn(4, 8, 8, 8))
+
+    def forward(self, x):
+        return (self.act(self.bn(self.conv(x))) * self.weight).sum()
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_a_mask_of_recomputed_values_stays_exact_under_a_lossy_codec(act):
+    torch.manual_seed(0)
+    model, x = _NormAct(ACTIVATIONS[act]()), torch.randn(4, 3, 8, 8) * 3
+    reference = copy.deepcopy(model)
+    reference(x).backward()
+    plain_saved = None
+    for codec in ("none", "int2"):
+        compressed = copy.deepcopy(model)
+        cm = fxcompress.compile(compressed, fxcompress.CompressConfig(codec=codec), backend="inductor")
+        cm(x).backward()
+        report = fxcompress.explain(cm)
+        plain_saved = plain_saved or report.saved_bytes_before
+    # Each element whose mask flipped would move the bias gradient by a weight (about 1): int2's
+    # decoded batch-norm input flipped dozens of them before save_predicates.
+    torch.testing.assert_close(compressed.bn.bias.grad, reference.bn.bias.grad, rtol=1e-5, atol=1e-4)
+    (mask,) = [r for r in report.rows if r.codec == "bitmask"]
+    assert (mask.bytes_before, mask.bytes_after) == (0, 4 * 8 * 8 * 8 // 8)
+    assert "recomputed values" in mask.reason
+    assert report.saved_bytes_before == plain_saved  # what plain torch.compile saves
+
+
+def test_a_comparison_of_a_saved_tensor_itself_stays_with_its_codec():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3, padding=1))
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="int4", base_partitioner="min_cut"),
+                            backend="eager")
+    cm(torch.randn(2, 3, 8, 8)).sum().backward()
+    (cap,) = cm.capture_log.captures()
+    assert cap.partitioned is None and cap.before is cap.original  # the ReLU output is saved: its code keeps le(0)
+    assert not any(s.added for s in cap.original.saved)
+
+
+def _traced_pair():
+    """A forward saving ``y = 2x`` and a backward reading it only through ``3y > 0``."""
+    def fw(x):
+        y = x * 2
+        return y.sum(), y
+
+    def bw(y, g):
+        return torch.where(y * 3 > 0, g, torch.zeros_like(g))
+
+    x = torch.randn(5, 7)
+    fw_gm = make_fx(fw, tracing_mode="fake")(x)
+    bw_gm = make_fx(bw, tracing_mode="fake")(x * 2, torch.randn(5, 7))
+    return fw_gm, bw_gm, x
+
+
+def test_save_predicates_moves_the_comparison_and_copies_what_it_changes():
+    fw, bw, x = _traced_pair()
+    before = (fw.code, bw.code)
+    new_fw, new_bw = save_predicates(fw, bw, num_fwd_outputs=1)
+    assert (fw.code, bw.code) == before  # its inputs are left as they were
+    assert not any(n.target is torch.ops.aten.gt.Scalar for n in new_bw.graph.nodes)
+    g = torch.randn(5, 7)
+    total, y, mask = new_fw(x)
+    torch.testing.assert_close(new_bw(y, mask, g), bw(y, g), rtol=0, atol=0)
+    assert mask.dtype == torch.bool and torch.equal(mask, x * 2 * 3 > 0)
+
+    program = extract_program(new_fw, new_bw, 1, "pair")
+    assert [s.added for s in program.saved] == [False, True]
+    y_decision, mask_decision = plan_codecs(program, fxcompress.CompressConfig(codec="int4", min_bytes=0)).decisions
+    assert isinstance(y_decision.codec, ShapeOnly) and "no longer read" in y_decision.reason
+    assert isinstance(mask_decision.codec, BitMask)
+
+
+def test_save_predicates_returns_its_inputs_where_nothing_is_compared():
+    fw, bw, _ = _traced_pair()
+    plain_bw = make_fx(lambda y, g: y * g, tracing_mode="fake")(torch.randn(5, 7), torch.randn(5, 7))
+    assert save_predicates(fw, plain_bw, num_fwd_outputs=1) == (fw, plain_bw)
