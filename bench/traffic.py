@@ -17,7 +17,9 @@ One training step per variant, compiled with Inductor (its FX graph cache off,
 so every graph is generated). After Inductor's fusion, each kernel (a scheduler
 node: a fused group of ops, or an extern call such as a convolution) is
 classed by the fxcompress roles of the FX nodes it was made from: ``model``
-(untagged), ``encode``, ``decode``, or a fused mix such as ``model+encode``
+(untagged), ``encode``, ``decode``, ``predicate`` (a comparison the backward
+made of recomputed values, computed in the forward:
+``fxcompress/passes/predicates.py``), or a fused mix such as ``model+encode``
 (an encoder fused into the kernel that produces its input). Bytes are
 Inductor's own count of each kernel's buffer reads and writes
 (``get_read_write_buffers_sizes``, what its ``inductor_metrics`` log sums), so
@@ -78,12 +80,14 @@ def graph_roles(graph) -> dict:
         if node.target is PIN:  # the layout of the model's own tensor, written as plain torch.compile writes it
             roles[node] = "model"
         else:
-            roles[node] = tag["role"] if tag else users.pop() if len(users) == 1 and "model" not in users else "model"
+            role = tag.get("role") if tag else None  # NB: a saved mask of the model's own has a tag, no role
+            roles[node] = role or (users.pop() if len(users) == 1 and "model" not in users else "model")
     return roles
 
 
 def kernel_role(snode, memo: dict) -> str:
-    """``model``, ``encode``, ``decode``, ``alias``, ``derived`` or a ``+``-joined mix, from the origins' roles.
+    """``model``, ``encode``, ``decode``, ``alias``, ``derived``, ``predicate`` or a ``+``-joined mix, from the
+    origins' roles.
     ``memo`` holds :func:`graph_roles` per FX graph."""
     roles = set()
     for part in snode.get_nodes():
@@ -294,7 +298,7 @@ def _timing(times: collections.Counter, kernels: dict, cuda: bool, steps: int, t
     }
 
 
-_ROLES = ["model", "encode", "decode", "alias", "derived"]
+_ROLES = ["model", "encode", "decode", "alias", "derived", "predicate"]
 
 
 def _join(roles) -> str:

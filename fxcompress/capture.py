@@ -85,7 +85,7 @@ def extract_program(
                 is_forward_output=node in user_outputs,
                 from_parameters=from_parameters[node],
                 view_of=_view_base(node, index_of),
-                added=node.meta.get(META_KEY, {}).get("role") == "predicate",
+                added=node.meta.get(META_KEY, {}).get("saved_by") == "save_predicates",
             )
         )
     return Program(name, fw, bw, num_fwd_outputs, tuple(saved), parameters)

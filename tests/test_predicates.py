@@ -22,23 +22,29 @@ ACTIVATIONS = {
 class _NormAct(torch.nn.Module):
     """conv -> batch-norm -> activation, its output weighted by a parameter: no op after the
     activation saves its output, so min-cut recomputes the batch-norm output in the backward, and the
-    batch-norm bias's gradient is the sum of the weights the activation's mask lets through."""
+    batch-norm bias's gradient is the sum of the weights the activation's mask lets through.
+    ``branch``: a 1x1 convolution reads the batch-norm output too, so it is saved, and the backward
+    compares the saved tensor itself (``le(y, 0) | ge(y, 6)`` for a ReLU6: two predicates).
+    """
 
-    def __init__(self, act: torch.nn.Module) -> None:
+    def __init__(self, act: torch.nn.Module, branch: bool = False) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(8)
         self.act = act
         self.weight = torch.nn.Parameter(torch.randn(4, 8, 8, 8))
+        self.branch = torch.nn.Conv2d(8, 4, 1) if branch else None
 
     def forward(self, x):
-        return (self.act(self.bn(self.conv(x))) * self.weight).sum()
+        y = self.bn(self.conv(x))
+        out = (self.act(y) * self.weight).sum()
+        return out if self.branch is None else out + self.branch(y).sum()
 
 
-@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
-def test_a_mask_of_recomputed_values_stays_exact_under_a_lossy_codec(act):
+@pytest.mark.parametrize("act, branch", [(a, False) for a in sorted(ACTIVATIONS)] + [("relu6", True)])
+def test_an_activation_mask_stays_exact_under_a_lossy_codec(act, branch):
     torch.manual_seed(0)
-    model, x = _NormAct(ACTIVATIONS[act]()), torch.randn(4, 3, 8, 8) * 3
+    model, x = _NormAct(ACTIVATIONS[act](), branch), torch.randn(4, 3, 8, 8) * 3
     reference = copy.deepcopy(model)
     reference(x).backward()
     plain_saved = None

@@ -20,9 +20,11 @@ into the forward, where the values are exact, and saves its bool result
     bw:  grad  = where(mask, 0, g)
 
 A recomputation that other ops read as values stays in the backward (those
-reads are the codec's approximation, with its bound). A comparison made
+reads are the codec's approximation, with its bound). One comparison made
 directly of a saved tensor is not moved: the codecs keep it exact in the
-tensor's own code (``mask[...]``, ``+clamped``, ``+split``).
+tensor's own code (``mask[...]``, ``+clamped``, ``+split``). Several are (a
+hardtanh's ``le(x, 0) | ge(x, 6)`` of a saved batch-norm output, as
+Inductor's decompositions write it): a code keeps one predicate.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from ..codecs.uses import VIEW_OPS, view_root
-from ..ir import elementwise, graph_module, saved_pairs
+from ..ir import META_KEY, elementwise, graph_module, saved_pairs
 from .splice import copy_node
 
 __all__ = ["save_predicates"]
@@ -66,6 +68,8 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
         _copy_cone(fw.graph, mask, computable, env)
     last = placeholders[-1]
     for mask in masks:
+        saved = env[mask]  # NB: a new dict: the forward's own node (reused) shares its meta's values with fw's
+        saved.meta[META_KEY] = {**saved.meta.get(META_KEY, {}), "saved_by": "save_predicates"}
         with bw.graph.inserting_after(last):
             last = bw.graph.placeholder(f"{mask.name}_saved")
         last.meta["val"] = mask.meta["val"]
@@ -140,18 +144,20 @@ def _cone(node: fx.Node, computable: set[fx.Node], source: dict[fx.Node, fx.Node
 def _compares_recomputed(
     mask: fx.Node, computable: set[fx.Node], source: dict[fx.Node, fx.Node], fw_inputs: frozenset[fx.Node]
 ) -> bool:
-    """Whether ``mask`` compares a value the backward computes (not a view of a saved tensor),
-    from at least one saved floating-point tensor that a lossy codec may encode (not a graph input)."""
+    """Whether ``mask`` is more than one comparison of a saved tensor (which the tensor's codec keeps
+    exact) and compares values made from at least one saved floating-point tensor that a lossy codec
+    may encode (not a graph input)."""
+    if _compares(mask) and all(view_root(a) in source for a in mask.args if isinstance(a, fx.Node)):
+        return False
     cone = _cone(mask, computable, source)
-    compares_computed = any(
-        n.op == "call_function" and getattr(n.target, "overloadpacket", None) in _COMPARES
-        and any(view_root(a) not in source for a in n.args if isinstance(a, fx.Node))
-        for n in cone
-    )
-    return compares_computed and any(
+    return any(_compares(n) for n in cone) and any(
         n in source and n.meta["val"].is_floating_point() and view_root(source[n]) not in fw_inputs
         for n in cone
     )
+
+
+def _compares(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _COMPARES
 
 
 def _copy_cone(graph: fx.Graph, mask: fx.Node, computable: set[fx.Node], env: dict[fx.Node, fx.Node]) -> None:
@@ -159,11 +165,32 @@ def _copy_cone(graph: fx.Graph, mask: fx.Node, computable: set[fx.Node], env: di
     node it reads (not at the end: the bool is encoded as soon as it exists)."""
     cone = _cone(mask, computable, {n: n for n in env})
     todo = [n for n in mask.graph.nodes if n in cone and n not in env]
-    if not todo:
-        return
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    inputs = [env[i] for n in todo for i in n.all_input_nodes if i in env]
-    anchor = max(inputs, key=order.__getitem__)  # NB: never empty: a mask reads a saved tensor
+    copies, fresh = [], set()
     for node in todo:
+        same = None if any(i in fresh for i in node.all_input_nodes) else _same_in(graph, node, env)
+        if same is not None:
+            env[node] = same
+        else:
+            copies.append(node)
+            fresh.add(node)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inputs = [env[i] for n in copies for i in n.all_input_nodes if i not in fresh]
+    anchor = max(inputs, key=order.__getitem__) if inputs else list(graph.find_nodes(op="placeholder"))[-1]
+    for node in copies:
         with graph.inserting_after(anchor):
             anchor = env[node] = copy_node(graph, node, env, {"role": "predicate", "of": mask.name})
+
+
+def _same_in(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node | None:
+    """The forward's own node computing what ``node`` does, if it has one (min-cut recomputes the
+    forward's ops as they were: a batch-norm output is read again, not computed twice, and its
+    pattern stays the one BLPA recognizes)."""
+    def mapped(a):
+        return env[a] if isinstance(a, fx.Node) else a
+
+    args = tuple(fx.node.map_arg(node.args, mapped))
+    kwargs = dict(fx.node.map_arg(node.kwargs, mapped))
+    inputs = [env[i] for i in node.all_input_nodes]
+    candidates = inputs[0].users if inputs else graph.find_nodes(op="call_function", target=node.target)
+    return next((u for u in candidates if u.op == "call_function" and u.target is node.target
+                 and tuple(u.args) == args and dict(u.kwargs) == kwargs), None)
