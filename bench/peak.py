@@ -17,9 +17,9 @@ allocator events add up to (:func:`cpu_peak`); nothing is reserved there.
 
 With ``backend="eager"`` the rewritten graphs run node by node as predicted;
 with ``backend="inductor"`` the plan leaves out the elementwise values
-Inductor computes inside their one reader's kernel (``analyze_liveness(...,
-inductor=True)``) but not its other choices, so its measured peak is shown
-beside the prediction, not checked.
+Inductor computes inside their readers' kernels (``analyze_liveness(...,
+inductor=True)``, with Inductor's rules for what it writes out) but not its
+other choices, so its measured peak is shown beside the prediction, not checked.
 """
 from __future__ import annotations
 

@@ -122,22 +122,69 @@ def analyze_liveness(program: Program, *, inductor: bool = False) -> Liveness:
 
 
 def inlined_nodes(program: Program) -> frozenset[fx.Node]:
-    """The values Inductor computes inside the one kernel that reads them.
+    """The values Inductor computes inside the kernels that read them, writing none out.
 
-    A node of the forward or backward that is elementwise and has one reader
-    (looking through views), itself elementwise or a reduction (so never a
-    saved tensor: the forward's output reads those): Inductor inlines a pointwise
-    producer into its only consumer's loop (``test_inductor.py`` checks that
-    the decoders fuse). On ResNet-50's Triton code (CPU proxy, batch 32,
-    bf16) this brings the plan from 25-28% above the measured step peak to
-    within 4% of it (``peak_cpu.json``).
+    A node of the forward or backward that is elementwise, whose readers
+    (looking through views) are all elementwise ops or reductions (so never a
+    saved tensor: the forward's output reads those): Inductor inlines a
+    pointwise producer into its consumers' loops (``test_inductor.py`` checks
+    that the decoders fuse), and recomputes it in each, unless its loop body,
+    through the values inlined into it (:func:`_loop_body`), is too big to
+    recompute: then Inductor writes it out (:func:`_realized`, under a GPU's
+    thresholds; the op count is the loop's loads plus its FX nodes, close to
+    Inductor's own count of its loop body).
+    On ResNet-50's Triton code (CPU proxy, batch 32, bf16) this brings the
+    plan from 25-28% above the measured step peak to within 2% of it
+    (``peak_cpu.json``); counting a value several ops read as written out,
+    it was 3.2% (``int4``) and 8.5% (``int2``) above (the batch norm's x - mean, read by its reductions
+    and its output, held the plan's peak in layer1's backward).
     """
-    return frozenset(
-        node
-        for graph in (program.fw.graph, program.bw.graph)
-        for node in graph.nodes
-        if elementwise(node) and _fusable(_readers(node))
-    )
+    inlined: set[fx.Node] = set()
+    body: dict[fx.Node, tuple[frozenset[fx.Node], frozenset[fx.Node]]] = {}
+    for graph in (program.fw.graph, program.bw.graph):
+        for node in graph.nodes:  # topological: a node's inputs are decided first
+            if not elementwise(node):
+                continue
+            readers = _readers(node)
+            if not readers or not all(map(_fusable, readers)):
+                continue
+            body[node] = reads, nodes = _loop_body(node, inlined, body)
+            if not _realized(len(readers), len(reads), len(reads) + len(nodes)):
+                inlined.add(node)
+    return frozenset(inlined)
+
+
+# torch._inductor.config's thresholds for a GPU: realize_reads_threshold (a value read by several
+# ops), realize_acc_reads_threshold (by one), realize_opcount_threshold, and the op count past
+# which GraphLowering realizes any pointwise value
+_REALIZE_READS, _REALIZE_ACC_READS, _REALIZE_OPS, _REALIZE_ANY_OPS = 4, 8, 30, 100
+
+
+def _realized(readers: int, reads: int, ops: int) -> bool:
+    """Whether Inductor writes out a pointwise value with this many readers, buffer reads and ops.
+
+    Several readers: ``should_realize_on_reuse``. One reader: ``has_exceeded_max_reads``, whose
+    ``realize_hint`` keeps a value that reads one buffer inline, unless it is past 100 ops.
+    Left out: the CPU's own rule (a value several ops read is written out where it computes an
+    exp, log, sigmoid or tanh), since the plan is for a GPU's code; the CPU proxy follows it.
+    """
+    if readers > 1:
+        return reads > _REALIZE_READS or ops > _REALIZE_OPS
+    return (reads > 1 and (reads > _REALIZE_ACC_READS or ops > _REALIZE_OPS)) or ops > _REALIZE_ANY_OPS
+
+
+def _loop_body(node: fx.Node, inlined: set[fx.Node], body: dict) -> tuple[frozenset[fx.Node], frozenset[fx.Node]]:
+    """The buffers ``node``'s loop reads and the nodes it computes, when the values in ``inlined``
+    are computed inside it (its op count: a load per buffer, an op per node)."""
+    reads, nodes = set(), {node}
+    for value in map(view_root, node.all_input_nodes):
+        if value in inlined:
+            more, inner = body[value]
+            reads |= more
+            nodes |= inner
+        else:
+            reads.add(value)
+    return frozenset(reads), frozenset(nodes)
 
 
 def writes_triton(program: Program) -> bool:
@@ -163,10 +210,7 @@ def _readers(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _fusable(readers: list[fx.Node]) -> bool:
-    if len(readers) != 1:
-        return False
-    (reader,) = readers
+def _fusable(reader: fx.Node) -> bool:
     return elementwise(reader) or (isinstance(reader.target, torch._ops.OpOverload)
                                     and torch.Tag.reduction in reader.target.tags)
 
