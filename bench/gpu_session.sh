@@ -25,6 +25,9 @@
 #   tests    tests/test_gpu.py and the CUDA cases of test_lossless.py and test_reliability.py:
 #            NCCL DDP/FSDP2 with int4, lossless on CUDA, SR reproducibility, memory over 200 steps
 #   predict  issue 4: predicted vs measured step peak, eager backend (bench/peak.py)
+#   ipeak    the same under Inductor, ResNet-50 none/int4/int2: the plan's model of what Inductor's
+#            Triton code writes out (passes/liveness.py, inlined_nodes), checked so far only on
+#            the CPU proxy (b32: -0.6/+1.6/+1.9%)
 #   encoders int4 encoders timed alone on ResNet-50-sized tensors, aten (as Inductor compiles it)
 #            against encoders="triton"'s kernel, beside a copy (bench/encoders.py)
 #   traffic  what Triton fuses of the codecs (kernel roles and bytes) and where the time goes
@@ -41,7 +44,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-step tests encoders predict traffic compile blpa gpt2 peak}
+STEPS=${STEPS:-step tests encoders predict ipeak traffic compile blpa gpt2 peak}
 H=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 mkdir -p "$OUT/bench/results" "$OUT/logs"
 start=$SECONDS
@@ -75,6 +78,9 @@ for s in $STEPS; do
         # GPT-2 8 x 1024, none and int4 (the H100's none rows predate the boxed-call fix, 59795f1)
         predict) run_step predict 240 python3 bench/peak.py --device cuda --backends eager \
                   --out "bench/results/peak_$H.json" ;;
+        # one cold Inductor compile per codec (ResNet-50 b64 on an H200: 33 s plain, about 110 s int4)
+        ipeak) run_step ipeak 330 python3 bench/peak.py --device cuda --models resnet50 --backends inductor \
+                  --codecs none int4 int2 --out "bench/results/peak_$H.json" ;;
         # the int4 encoder alone, aten against the Triton kernel, beside a copy (the other
         # formulations of bench/encoders.py are there to run by hand)
         encoders) run_step encoders 180 python3 bench/encoders.py --device cuda --variants copy fxcompress triton \
@@ -92,7 +98,7 @@ for s in $STEPS; do
         # proxy: int4/triton 1.33x plain, the decoders +7.9 s in the backward; Triton's own compile only here)
         compile) run_step compile 300 python3 bench/compile_time.py --device cuda --models resnet50 --batch 64 \
                   --variants plain int4 int4/triton --out "bench/results/compile_time_$H.json" ;;
-        *) echo "[session] unknown step $s (known: tests predict encoders step traffic blpa gpt2 peak compile)"; exit 2 ;;
+        *) echo "[session] unknown step $s (known: tests predict ipeak encoders step traffic blpa gpt2 peak compile)"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start)) s; results in $OUT/bench/results"
