@@ -4,7 +4,7 @@ import torch
 
 import fxcompress
 from fxcompress.codecs import Layout
-from fxcompress.codecs.blpa import BLPA, BLPARelu
+from fxcompress.codecs.blpa import BLPA, BLPAMask, BLPARelu
 from conftest import check_predicate_readers, compressed, make_model, train_step
 from test_lossless import _stored_bytes
 from test_quant import _no_dropout
@@ -42,6 +42,9 @@ def test_relu_mask_from_code_is_exact(bits, channels_last, dtype):
     alone = BLPARelu(codec, x.dtype).decode_predicate(*parts)  # what Inductor's ReLU backward reads
     assert torch.equal(alone > 0, y > 0) and alone.stride() == relu.stride() and alone.dtype == relu.dtype
     assert codec.decode(*parts).stride() == x.stride()
+    for mask_layout in {x.stride(): x, y.contiguous().stride(): y.contiguous()}.values():  # and the other layout
+        mask = BLPAMask(codec, Layout.of(mask_layout <= 0)).decode(*parts)
+        assert torch.equal(mask, y <= 0) and mask.stride() == mask_layout.stride()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -119,6 +122,60 @@ def test_blpa_on_inductor_under_autocast():
     bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert codecs.count("blpa4") == bns and "blpa4:relu" in codecs
     assert all(p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_blpa_decodes_the_relu_mask_inductor_recomputes_from_the_code():
+    """Inductor's backward recomputes a ReLU's mask from the batch-norm input, and save_predicates
+    saves it from the forward (1 bit an element beside blpa4's 4): BLPA's code has it exactly, so
+    nothing of it is stored, and the bias gradient (the sum of what the mask lets through) stays exact."""
+    import copy
+
+    from test_predicates import ACTIVATIONS, _NormAct
+
+    torch.manual_seed(0)
+    model, x = _NormAct(ACTIVATIONS["relu"]()), torch.randn(4, 3, 8, 8) * 3
+    reference = copy.deepcopy(model)
+    reference(x).backward()
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="blpa4"), backend="inductor")
+    cm(x).backward()
+    rows = {r.name: r for r in fxcompress.explain(cm).rows}
+    assert rows["le"].codec == "blpa4:mask(convolution)" and rows["le"].bytes_after == 0
+    assert rows["convolution"].codec.startswith("blpa4")
+    (capture,) = cm.capture_log.captures()
+    assert not any(s.dtype == torch.bool for s in capture.rewritten.saved)
+    torch.testing.assert_close(model.bn.bias.grad, reference.bn.bias.grad, rtol=1e-5, atol=1e-4)
+
+
+class _ReturnsBNInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.weight = torch.nn.Parameter(torch.randn(8, 8, 8))
+
+    def forward(self, x):
+        c = self.conv(x)
+        return (torch.relu(self.bn(c)) * self.weight).sum(), c
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_batch_norm_input_the_caller_gets_stays_exact_and_so_do_its_relus(backend):
+    """A BN input that is also a forward output keeps no code (the caller holds it); the ReLU and
+    mask that would be decoded from that code are then planned on their own (they raised KeyError)."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = _ReturnsBNInput(), torch.randn(4, 3, 8, 8)
+    reference = copy.deepcopy(model)
+    out, c = reference(x)
+    (out + c.sum()).backward()
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="blpa4"), backend=backend)
+    out, c = cm(x)
+    (out + c.sum()).backward()
+    rows = {r.name: r for r in fxcompress.explain(cm).rows}
+    assert "forward output" in rows["convolution"].reason
+    assert not any(r.codec.startswith("blpa") for r in rows.values())
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_blpa_fallback_quantizes_what_the_paper_keeps():

@@ -35,7 +35,7 @@ import torch
 from .base import Codec, Layout, pack_codes, pack_slices, predicate_values, unpack_codes
 from .uses import Predicate
 
-__all__ = ["BLPA", "BLPARelu"]
+__all__ = ["BLPA", "BLPAMask", "BLPARelu"]
 
 _WINDOW = 6.0  # standard deviations covered by the N bins
 
@@ -145,3 +145,25 @@ class BLPARelu:
         # positive values stay positive, so the ReLU's mask is the code's, as decode_predicate's
         smallest = torch.finfo(self.dtype).tiny * torch.finfo(self.dtype).eps
         return torch.where(code >= s, y.clamp_min(smallest), torch.zeros_like(y))
+
+
+@dataclasses.dataclass(frozen=True)
+class BLPAMask:
+    """The ReLU's mask ``y <= 0`` of the BN output, decoded from the BN input's :class:`BLPA` code.
+
+    Under Inductor the backward recomputes a ReLU's mask from the BN input, and
+    :func:`~fxcompress.passes.predicates.save_predicates` saves it from the forward
+    (1 bit per element): the code has it already, ``code < shift``. A derived decoder.
+    """
+
+    base: BLPA
+    layout: Layout  # the mask's: its strides may differ from the code's (a channels-last BN input)
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.name}:mask"
+
+    def decode(self, packed, a, b, shift, gw) -> torch.Tensor:
+        code = self.base._codes(packed)
+        mask = code < _channel_view(shift, code.dim())
+        return self.layout.unflatten(self.layout.flatten(mask))  # NB: a view where the layouts agree

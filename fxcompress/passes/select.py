@@ -12,7 +12,9 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    :func:`~fxcompress.capture.save_view_bases`.)
 4. With ``blpa8``/``blpa4``: the input of a training-mode batch-norm gets
    the BN-aware :class:`BLPA` code, and a saved ReLU of that batch-norm's
-   output is decoded from the same code (nothing of its own stored).
+   output, or its mask ``relu <= 0`` (saved by ``save_predicates``), is
+   decoded from the same code (nothing of its own stored); where rules 1-3
+   keep the batch-norm input as it is, none of them.
 5. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
 6. Not dense in memory (gaps or overlaps): keep.
 7. bool: :class:`BitMask` (a comparison that
@@ -51,7 +53,7 @@ import torch.fx as fx
 
 from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
-from ..codecs.blpa import BLPA, BLPARelu
+from ..codecs.blpa import BLPA, BLPAMask, BLPARelu
 from ..codecs.kernels import require_triton
 from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
 from ..codecs.uses import (VIEW_OPS, ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of,
@@ -75,8 +77,10 @@ def plan_codecs(program: Program, config: CompressConfig) -> CodecPlan:
     """Decide, with a reason, what happens to each saved tensor of ``program``."""
     early = {s.index: _decide_early(s, program, config) for s in program.saved}
     if config.codec in BLPA_BITS:
+        free = {index for index, decision in early.items() if decision is None}  # what rules 1-3 left alone
         for index, decision in _blpa_decisions(program, BLPA_BITS[config.codec]).items():
-            early[index] = early[index] or decision
+            if index in free and (decision.derived_from is None or decision.derived_from in free):
+                early[index] = decision
     # NB: the backward reads a tensor through its own placeholder and through
     # those of its aliases (which become views of it), so a codec must serve
     # the uses of all of them.
@@ -280,13 +284,30 @@ def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
             extra_inputs=(bn.output, bn.gamma, bn.beta, bn.mean, bn.invstd),
         )
         for user in bn.output.users:
+            if user.target is not torch.ops.aten.relu.default:
+                continue
             relu = by_node.get(user)
-            if user.target is torch.ops.aten.relu.default and relu is not None and not relu.is_forward_output:
+            if relu is not None and not relu.is_forward_output:
                 out[relu.index] = Decision(
                     None, f"ReLU of the batch-norm output, decoded from {saved.name}'s code",
                     derived_from=saved.index, derived=BLPARelu(codec, relu.dtype),
                 )
+            for mask in filter(None, map(by_node.get, user.users)):
+                mask_layout = Layout(mask.shape, mask.stride, mask.dtype, mask.device)
+                if _relu_mask(mask, user) and mask_layout.is_dense():
+                    out[mask.index] = Decision(
+                        None, f"the ReLU's mask of the batch-norm output, decoded from {saved.name}'s code",
+                        derived_from=saved.index, derived=BLPAMask(codec, mask_layout),
+                    )
     return out
+
+
+def _relu_mask(mask: SavedTensor, relu: fx.Node) -> bool:
+    """Whether ``mask`` is ``relu <= 0`` (a ReLU backward's condition, which ``save_predicates`` saves
+    where the backward would recompute the ReLU), for the forward to keep no copy of it."""
+    node = mask.fw_node
+    return (not mask.is_forward_output and node.target is torch.ops.aten.le.Scalar
+            and node.args[0] is relu and node.args[1] == 0)
 
 
 def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: CompressConfig) -> Decision:
