@@ -34,7 +34,7 @@ def test_relu_mask_from_code_is_exact(bits, channels_last, dtype):
     x, y, gamma, beta, mean, invstd, xhat = _bn_case(channels_last)
     x, y = x.to(dtype), y.to(dtype)
     codec = BLPA(Layout.of(x), bits)
-    parts = codec.encode(x, y, gamma, beta, mean, invstd)
+    parts = codec.encode(x, y, mean, invstd, gamma, beta)
     assert sum(p.nbytes for p in parts) == codec.nbytes()
     relu = BLPARelu(codec, x.dtype).decode(*parts)
     assert torch.equal(relu > 0, y > 0)  # the mask, including saturated and gamma <= 0 channels
@@ -51,7 +51,7 @@ def test_relu_mask_from_code_is_exact(bits, channels_last, dtype):
 def test_xhat_error_within_half_a_bin_inside_the_window(bits):
     x, y, gamma, beta, mean, invstd, xhat = _bn_case()
     codec = BLPA(Layout.of(x), bits)
-    packed, a, b, shift, gw = parts = codec.encode(x, y, gamma, beta, mean, invstd)
+    packed, a, b, shift, gw = parts = codec.encode(x, y, mean, invstd, gamma, beta)
     xq = codec.decode(*parts)
     xhat_q = (xq - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
     width = 6 / 2**bits
@@ -83,6 +83,29 @@ def test_blpa_end_to_end_on_convnets(codec, threshold):
         assert codec in codecs and f"{codec}:relu" in codecs, codecs
         assert _stored_bytes(got.module, model, x) == report.saved_bytes_after
         assert report.saved_bytes_after < report.saved_bytes_before / 2
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("options", [{"affine": False}, {"track_running_stats": False}])
+def test_blpa_codes_batch_norms_without_affine_parameters_or_running_statistics(backend, options):
+    """``affine=False``: y = xhat (gamma 1, beta 0); ``track_running_stats=False``: eager's
+    ``_native_batch_norm_legit.no_stats``. Both were left exact as if they fed no batch-norm."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8, **options), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3))
+    x = torch.randn(4, 3, 10, 10)
+    reference = copy.deepcopy(model)
+    reference(x).pow(2).sum().backward()
+    torch._dynamo.reset()
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="blpa4"), backend=backend)
+    cm(x).pow(2).sum().backward()
+    codecs = [r.codec.split("(")[0] for r in fxcompress.explain(cm).rows]
+    assert "blpa4" in codecs and "blpa4:relu" in codecs, codecs
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    exact = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert float(torch.nn.functional.cosine_similarity(got, exact, dim=0)) >= 0.99
 
 
 def _weight_grads(step, model):

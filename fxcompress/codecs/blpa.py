@@ -46,7 +46,8 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class BLPA(Codec):
-    """Code of a batch-norm input; ``encode(x, y, gamma, beta, mean, invstd)``."""
+    """Code of a batch-norm input; ``encode(x, y, mean, invstd, gamma, beta)``, without ``gamma, beta``
+    for a batch-norm without affine parameters."""
 
     layout: Layout
     bits: int
@@ -65,7 +66,7 @@ class BLPA(Codec):
     def width(self) -> float:
         return _WINDOW / self.bins
 
-    def encode(self, x, y, gamma, beta, mean, invstd) -> tuple[torch.Tensor, ...]:
+    def encode(self, x, y, mean, invstd, gamma=None, beta=None) -> tuple[torch.Tensor, ...]:
         nd, n_bins, width = x.dim(), self.bins, self.width
         tiny = torch.finfo(torch.float32).smallest_normal
         mean, invstd = mean.reshape(-1), invstd.reshape(-1)  # per channel: (C,), or (1, C, 1, 1) decomposed

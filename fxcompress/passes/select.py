@@ -190,6 +190,7 @@ _BN_TRAINING_OPS = {
     # op -> position of its ``training`` argument
     torch.ops.aten._native_batch_norm_legit_functional.default: 5,
     torch.ops.aten._native_batch_norm_legit.default: 5,
+    torch.ops.aten._native_batch_norm_legit.no_stats: 3,  # track_running_stats=False
     torch.ops.aten.native_batch_norm.default: 5,
 }
 
@@ -200,21 +201,28 @@ class _BatchNorm:
 
     name: str  # for the report: the op, or the decomposition's var_mean
     output: fx.Node  # y = gamma * xhat + beta (before any activation)
-    gamma: fx.Node
-    beta: fx.Node
+    gamma: fx.Node | None  # None, with beta, for a batch-norm without affine parameters: y = xhat
+    beta: fx.Node | None
     mean: fx.Node
     invstd: fx.Node
+
+    @property
+    def encoder_inputs(self) -> tuple[fx.Node, ...]:
+        """What :meth:`BLPA.encode` reads besides the tensor, in its order."""
+        affine = (self.gamma, self.beta) if self.gamma is not None else ()
+        return (self.output, self.mean, self.invstd, *affine)
 
 
 def _batch_norm_of(x: fx.Node) -> _BatchNorm | None:
     """The training-mode batch-norm that normalizes ``x``: the aten op (eager backend), or its
     decomposition (Inductor's: ``var_mean`` over all but dim 1, ``(x - mean) * rsqrt(var + eps)``,
-    ``* gamma + beta``; through a cast to fp32 under autocast); ``None`` if there is none, or no affine."""
+    ``* gamma + beta``; through a cast to fp32 under autocast); ``None`` if there is none. Without
+    affine parameters ``y = xhat``; with one of the two (``bias=False`` alone is no nn module's), none."""
     for user in x.users:
         if user.target in _BN_TRAINING_OPS and user.args[0] is x and user.args[_BN_TRAINING_OPS[user.target]] is True:
             results = {u.args[1]: u for u in user.users if u.target is operator.getitem}
             gamma, beta = user.args[1], user.args[2]
-            if {0, 1, 2} <= results.keys() and isinstance(gamma, fx.Node) and isinstance(beta, fx.Node):
+            if {0, 1, 2} <= results.keys() and isinstance(gamma, fx.Node) == isinstance(beta, fx.Node):
                 return _BatchNorm(target_name(user), results[0], gamma, beta, results[1], results[2])
     sources = [x] + [u for u in x.users if u.target is _CAST and u.args[1] == torch.float32]
     for src in sources:
@@ -252,7 +260,11 @@ def _decomposed_batch_norm(sources: list[fx.Node], var_mean: fx.Node) -> _BatchN
     invstd = eps and only(eps, torch.ops.aten.rsqrt.default)
     centred = next((c for c in (only(src, torch.ops.aten.sub.Tensor, stats[1]) for src in sources) if c), None)
     xhat = centred and invstd and only(centred, torch.ops.aten.mul.Tensor, invstd)
-    scaled = xhat and only(xhat, torch.ops.aten.mul.Tensor)
+    if xhat is None:
+        return None
+    scaled = only(xhat, torch.ops.aten.mul.Tensor)
+    if scaled is None and not any(u.target is torch.ops.aten.add.Tensor for u in xhat.users):
+        return _BatchNorm("batch-norm (decomposed, no affine)", _uncast(xhat), None, None, stats[1], invstd)
     shifted = scaled and only(scaled, torch.ops.aten.add.Tensor)
     if shifted is None or not all(isinstance(a, fx.Node) for a in (scaled.args[1], shifted.args[1])):
         return None
@@ -260,10 +272,14 @@ def _decomposed_batch_norm(sources: list[fx.Node], var_mean: fx.Node) -> _BatchN
     channels = sources[0].meta["val"].shape[1]
     if any(g.op != "placeholder" or tuple(g.meta["val"].shape) != (channels,) for g in (gamma, beta)):
         return None
-    # under autocast the decomposition computes in fp32 and casts y back: the model (its ReLU) reads the cast
-    casts = [u for u in shifted.users if u.target is _CAST]
-    output = casts[0] if len(shifted.users) == 1 and casts else shifted
-    return _BatchNorm("batch-norm (decomposed)", output, gamma, beta, stats[1], invstd)
+    return _BatchNorm("batch-norm (decomposed)", _uncast(shifted), gamma, beta, stats[1], invstd)
+
+
+def _uncast(y: fx.Node) -> fx.Node:
+    """The batch-norm output the model reads: under autocast the decomposition computes in fp32 and
+    casts y back, and the model (its ReLU) reads the cast."""
+    casts = [u for u in y.users if u.target is _CAST]
+    return casts[0] if len(y.users) == 1 and casts else y
 
 
 def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
@@ -281,7 +297,7 @@ def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
         out[saved.index] = Decision(
             codec,
             f"input of {bn.name}: BN-aware {bits}-bit code",
-            extra_inputs=(bn.output, bn.gamma, bn.beta, bn.mean, bn.invstd),
+            extra_inputs=bn.encoder_inputs,
         )
         for user in bn.output.users:
             if user.target is not torch.ops.aten.relu.default:
