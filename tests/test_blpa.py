@@ -108,6 +108,40 @@ def test_blpa_codes_batch_norms_without_affine_parameters_or_running_statistics(
     assert float(torch.nn.functional.cosine_similarity(got, exact, dim=0)) >= 0.99
 
 
+class _TwoNorms(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv2 = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)
+        self.bn, self.bn2 = torch.nn.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        c = self.conv(x)
+        return (self.conv2(torch.relu(self.bn(c))) + self.conv2(torch.relu(self.bn2(c)))).pow(2).sum()
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_two_batch_norms_of_one_tensor_share_its_code(backend):
+    """One code per tensor, in the first batch-norm's space: the ReLU of that one is decoded from it,
+    the other stays exact. Inductor computes the two batch-norms' statistics once (its x - mean
+    times rstd feeds both scalings): found as the first, not as a batch-norm without affine."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = _TwoNorms(), torch.randn(4, 3, 10, 10)
+    reference = copy.deepcopy(model)
+    reference(x).backward()
+    torch._dynamo.reset()
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="blpa4"), backend=backend)
+    cm(x).backward()
+    rows = [r for r in fxcompress.explain(cm).rows if r.shape == (4, 8, 8, 8) and not r.codec.startswith("alias")]
+    assert sorted(r.codec for r in rows) == ["blpa4", "blpa4:relu(convolution)", "none"], rows
+    (code,) = [r for r in rows if r.codec == "blpa4"]
+    assert "no affine" not in code.reason
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    exact = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert float(torch.nn.functional.cosine_similarity(got, exact, dim=0)) >= 0.99
+
+
 def _weight_grads(step, model):
     return torch.cat([step.grads[n].flatten() for n, p in model.named_parameters() if p.dim() > 1])
 

@@ -262,17 +262,19 @@ def _decomposed_batch_norm(sources: list[fx.Node], var_mean: fx.Node) -> _BatchN
     xhat = centred and invstd and only(centred, torch.ops.aten.mul.Tensor, invstd)
     if xhat is None:
         return None
-    scaled = only(xhat, torch.ops.aten.mul.Tensor)
-    if scaled is None and not any(u.target is torch.ops.aten.add.Tensor for u in xhat.users):
+    affine = [u for u in xhat.users if u.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor)]
+    if not affine:
         return _BatchNorm("batch-norm (decomposed, no affine)", _uncast(xhat), None, None, stats[1], invstd)
-    shifted = scaled and only(scaled, torch.ops.aten.add.Tensor)
-    if shifted is None or not all(isinstance(a, fx.Node) for a in (scaled.args[1], shifted.args[1])):
-        return None
-    gamma, beta = view_root(scaled.args[1]), view_root(shifted.args[1])
     channels = sources[0].meta["val"].shape[1]
-    if any(g.op != "placeholder" or tuple(g.meta["val"].shape) != (channels,) for g in (gamma, beta)):
-        return None
-    return _BatchNorm("batch-norm (decomposed)", _uncast(shifted), gamma, beta, stats[1], invstd)
+    for scaled in affine:  # NB: several where batch-norms of one tensor share its statistics: the first
+        shifted = only(scaled, torch.ops.aten.add.Tensor)
+        if (scaled.args[0] is not xhat or shifted is None
+                or not all(isinstance(a, fx.Node) for a in (scaled.args[1], shifted.args[1]))):
+            continue
+        gamma, beta = view_root(scaled.args[1]), view_root(shifted.args[1])
+        if all(g.op == "placeholder" and tuple(g.meta["val"].shape) == (channels,) for g in (gamma, beta)):
+            return _BatchNorm("batch-norm (decomposed)", _uncast(shifted), gamma, beta, stats[1], invstd)
+    return None
 
 
 def _uncast(y: fx.Node) -> fx.Node:
@@ -329,8 +331,11 @@ def _relu_mask(mask: SavedTensor, relu: fx.Node) -> bool:
 def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: CompressConfig) -> Decision:
     codec = config.blpa_fallback if config.codec in BLPA_BITS else config.codec
     if codec not in PER_GROUP_CODECS:
-        why = "batch-norm-free tensors stay exact under BLPA (blpa_fallback='none')" if config.codec in BLPA_BITS \
-            else "no lossless encoding applies"
+        if config.codec in BLPA_BITS:
+            why = "BLPA codes batch-norm inputs (and the ReLUs of one batch-norm of each), the rest stays exact " \
+                  "(blpa_fallback='none')"
+        else:
+            why = "no lossless encoding applies"
         return Decision(None, f"values read by {ops}; {why}")
     if not saved.dtype.is_floating_point or saved.dtype.itemsize < 2:
         return Decision(None, f"values read by {ops}; {saved.dtype} is not quantized")
