@@ -262,14 +262,13 @@ def _decomposed_batch_norm(sources: list[fx.Node], var_mean: fx.Node) -> _BatchN
     xhat = centred and invstd and only(centred, torch.ops.aten.mul.Tensor, invstd)
     if xhat is None:
         return None
-    affine = [u for u in xhat.users if u.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor)]
-    if not affine:
+    if not any(u.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor) for u in xhat.users):
         return _BatchNorm("batch-norm (decomposed, no affine)", _uncast(xhat), None, None, stats[1], invstd)
     channels = sources[0].meta["val"].shape[1]
-    for scaled in affine:  # NB: several where batch-norms of one tensor share its statistics: the first
+    # NB: several scalings where batch-norms of one tensor share its statistics: the first
+    for scaled in (u for u in xhat.users if u.target is torch.ops.aten.mul.Tensor and u.args[0] is xhat):
         shifted = only(scaled, torch.ops.aten.add.Tensor)
-        if (scaled.args[0] is not xhat or shifted is None
-                or not all(isinstance(a, fx.Node) for a in (scaled.args[1], shifted.args[1]))):
+        if shifted is None or not all(isinstance(a, fx.Node) for a in (scaled.args[1], shifted.args[1])):
             continue
         gamma, beta = view_root(scaled.args[1]), view_root(shifted.args[1])
         if all(g.op == "placeholder" and tuple(g.meta["val"].shape) == (channels,) for g in (gamma, beta)):
@@ -304,8 +303,8 @@ def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
         for user in bn.output.users:
             if user.target is not torch.ops.aten.relu.default:
                 continue
-            relu = by_node.get(user)
-            if relu is not None and not relu.is_forward_output:
+            relu = by_node.get(user)  # NB: plan_codecs keeps what rules 1-3 decide (a forward output)
+            if relu is not None:
                 out[relu.index] = Decision(
                     None, f"ReLU of the batch-norm output, decoded from {saved.name}'s code",
                     derived_from=saved.index, derived=BLPARelu(codec, relu.dtype),
@@ -324,8 +323,7 @@ def _relu_mask(mask: SavedTensor, relu: fx.Node) -> bool:
     """Whether ``mask`` is ``relu <= 0`` (a ReLU backward's condition, which ``save_predicates`` saves
     where the backward would recompute the ReLU), for the forward to keep no copy of it."""
     node = mask.fw_node
-    return (not mask.is_forward_output and node.target is torch.ops.aten.le.Scalar
-            and node.args[0] is relu and node.args[1] == 0)
+    return node.target is torch.ops.aten.le.Scalar and node.args[0] is relu and node.args[1] == 0
 
 
 def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: CompressConfig) -> Decision:
