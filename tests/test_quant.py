@@ -8,7 +8,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxcompress
 from fxcompress.codecs import Layout
 from fxcompress.codecs.base import pack_bits, unpack_bits
-from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
+from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, Normalized, SplitAffine
 from fxcompress.codecs.uses import Predicate
 from conftest import ZOO_NAMES, compressed, make_model, train_step
 
@@ -419,3 +419,103 @@ def test_a_byte_packs_codes_of_contiguous_runs_of_its_group(bits):
     runs = codes.to(torch.uint8).view(3, per_byte, group // per_byte)  # [group, place in the byte, byte]
     want = sum(runs[:, j] << (bits * j) for j in range(per_byte)).to(torch.uint8).view(-1)
     assert torch.equal(packed, want)
+
+
+def _rows_of_unequal_spread():
+    """Layer-norm input ``(2, 17, 64)``: row 0 of each sequence a thousand times narrower than the
+    rest (a zero-initialized class token plus a small position embedding), mean and rstd per row."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 64)
+    x[:, 0] *= 1e-3
+    mean = x.mean(-1, keepdim=True)
+    rstd = (x.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    return x, mean, rstd
+
+
+@pytest.mark.parametrize("inner", ["int4", "int2", "fp8"])
+def test_normalized_codes_bound_the_error_of_every_row_in_its_own_spread(inner):
+    """A norm's input is coded as ``xhat``: the error a row's ``xhat`` sees is a fraction of
+    one standard deviation for every row, where a plain group code, whose steps the wide rows
+    set, gives the narrow row an ``xhat`` error of hundreds."""
+    x, mean, rstd = _rows_of_unequal_spread()
+    fp32 = Layout.of(x)
+    plain = GroupFP8(fp32, "e4m3", 256) if inner == "fp8" else GroupAffine(fp32, int(inner[3]), 256, True)
+    codec = Normalized(plain, x.dtype, tuple(mean.shape))
+    parts = codec.encode(x, mean, rstd)
+    got = codec.decode(*parts)
+    assert codec.nbytes() == sum(p.numel() * p.element_size() for p in parts)
+    assert ((got - x).abs() <= codec.max_error(x, mean, rstd)).all()
+    err_hat = ((got - x) * rstd).abs()
+    plain_hat = ((plain.decode(*plain.encode(x)) - x) * rstd).abs()
+    limit = {"int4": 1.0, "int2": 4.0, "fp8": 0.5}[inner]  # a step of xhat's range, about 8 sigma wide
+    assert err_hat.max() < limit
+    if inner != "fp8":  # NB: fp8's steps are relative to each value: the narrow row kept its precision
+        assert plain_hat[:, 0].max() > 50 * limit  # what the narrow row got before
+
+
+class _ClassTokenEncoder(torch.nn.Module):
+    """A vision-transformer stem: a zero-initialized class token before the patch tokens, a
+    learned position embedding, then pre-norm MLP blocks, pooled at the class token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(48, 64)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 64))
+        self.pos = torch.nn.Parameter(torch.randn(1, 17, 64) * 0.02)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+            for _ in range(2))
+        self.norm = torch.nn.LayerNorm(64)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, patches):
+        h = torch.cat([self.cls.expand(patches.shape[0], -1, -1), self.embed(patches)], 1) + self.pos
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(self.norm(h)[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["eager"])
+def test_a_class_tokens_gradient_survives_int4(backend):
+    """Before layer-norm inputs were coded normalized, int4 gave a small torchvision ViT's class
+    token and position embedding gradients of cosine 0.2 to the exact ones. Under Inductor this
+    model's min-cut saves the concatenation before the position embedding is added, not the norm's
+    input, which stays a plain code (README, Limitations)."""
+    torch.manual_seed(0)
+    model, x = _ClassTokenEncoder(), torch.randn(4, 16, 48)
+    exact = train_step(model, x, compressed("none", backend))
+    got = train_step(model, x, compressed("int4", backend))
+    for name in ("cls", "pos"):
+        cos = float(torch.nn.functional.cosine_similarity(got.grads[name].flatten(), exact.grads[name].flatten(), dim=0))
+        assert cos > 0.97, f"{backend} {name}: cosine {cos:.4f}"
+    rows = fxcompress.explain(got.module).rows
+    assert any("normalized input" in r.reason and r.codec.startswith("int4") for r in rows)
+
+
+class _NormAndLinearOfOneTensor(torch.nn.Module):
+    """``h`` (a near-zero first row, then linear features) read by a linear layer and by a
+    layer-norm: Inductor's min-cut saves ``h`` itself and recomputes the norm from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.ln = torch.nn.Linear(48, 64), torch.nn.LayerNorm(64)
+        self.lin1, self.lin2 = torch.nn.Linear(64, 10), torch.nn.Linear(64, 10)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 64))
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1) + 0.01 * x[:, :1, :1], self.lin0(x)], 1)
+        return self.lin1(h) + self.lin2(self.ln(h))
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_norm_input_is_coded_normalized_on_both_backends(backend):
+    """The aten layer-norm (eager) and Inductor's decomposition (``var_mean``, ``rsqrt(var + eps)``)."""
+    from conftest import grads_cosine
+
+    torch.manual_seed(0)
+    model, x = _NormAndLinearOfOneTensor(), torch.randn(4, 16, 48)
+    exact = train_step(model, x, compressed("none", backend))
+    got = train_step(model, x, compressed("int4", backend))
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.name == "cat"]
+    assert row.codec == "int4/normalized" and "normalized input" in row.reason
+    assert grads_cosine(exact.grads, got.grads) > 0.99

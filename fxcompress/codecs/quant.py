@@ -53,7 +53,7 @@ import torch
 from .base import Codec, Layout, pack_bits, pack_slices, predicate_values, unpack_bits, unpack_slices
 from .uses import Predicate
 
-__all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "SplitAffine", "FP8_FORMATS"]
+__all__ = ["ClampedAffine", "GroupAffine", "GroupFP8", "MaskedLossy", "Normalized", "SplitAffine", "FP8_FORMATS"]
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # NB: scales never go below fp32's smallest normal number: 1/scale stays finite, and GPUs that
@@ -314,6 +314,60 @@ class GroupFP8(Codec):
         scale = self._scale(_group_max(g.abs()))
         bound = g.abs() * (info.eps / 2) + scale * (info.smallest_normal * info.eps / 2)
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalized(Codec):
+    """A per-group code of a normalization's input taken in the normalized space.
+
+    A layer- or batch-norm backward reads its input ``x`` as ``xhat = (x - mean) * rstd``:
+    an error ``e`` in ``x`` reaches it as ``e * rstd``. A group's range, and so its step, is
+    set by the group's largest values, and a group spans several rows of a layer-norm (tokens)
+    or several channels of a channels-last batch-norm: a row of small spread beside rows of
+    large spread (a vision transformer's zero-initialized class token) had its ``xhat`` wrong
+    by many times its own size. So ``encode(x, mean, rstd)`` codes ``xhat`` with ``inner``
+    (every row or channel on one scale: its steps are fractions of a standard deviation), and
+    ``decode`` gives ``x' = xhat' / rstd + mean``, with the norm's own statistics (saved
+    beside the codes in fp32). ``stat_shape``: the shape that broadcasts them to ``x``.
+    Bytes: ``inner``'s plus 8 per statistic.
+    """
+
+    inner: GroupAffine | GroupFP8  # over xhat, in fp32, in x's layout
+    dtype: torch.dtype  # x's
+    stat_shape: tuple[int, ...]
+
+    lossless = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}/normalized"
+
+    @property
+    def layout(self) -> Layout:
+        return dataclasses.replace(self.inner.layout, dtype=self.dtype)
+
+    def encode(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mean, rstd = mean.float().reshape(self.stat_shape), rstd.float().reshape(self.stat_shape)
+        # NB: copies: a view of the graph's own statistics would share their storage where the
+        # backward saves them too, and not where it does not; the report counts them, so they are stored
+        return (*self.inner.encode((x.float() - mean) * rstd), mean.clone(), rstd.clone())
+
+    def decode(self, *parts: torch.Tensor) -> torch.Tensor:
+        *codes, mean, rstd = parts
+        return (self.inner.decode(*codes) / rstd + mean).to(self.dtype)
+
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.stat_shape:
+            n *= s
+        return self.inner.nbytes() + 8 * n
+
+    def max_error(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        """Per-element bound on ``|x' - x|``: ``inner``'s bound on ``xhat``, over ``rstd``, plus fp32 rounding."""
+        mean, rstd = mean.float().reshape(self.stat_shape), rstd.float().reshape(self.stat_shape)
+        xhat = (x.float() - mean) * rstd
+        eps = torch.finfo(torch.float32).eps
+        return self.inner.max_error(xhat) / rstd * (1 + 4 * eps) + (x.float().abs() + mean.abs()) * (4 * eps)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,7 +55,7 @@ from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from ..codecs.lossless import narrowest_int
 from ..codecs.blpa import BLPA, BLPAMask, BLPARelu
 from ..codecs.kernels import require_triton
-from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
+from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, Normalized, SplitAffine
 from ..codecs.uses import (VIEW_OPS, ExactUse, IndexUse, Predicate, PredicateUse, ShapeUse, ValuesUse, uses_of,
                            view_root)
 from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig, Encoders
@@ -319,6 +319,49 @@ def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
     return out
 
 
+_LAYER_NORMS = {torch.ops.aten.native_layer_norm.default}
+
+
+def _normalization_of(x: fx.Node) -> tuple[str, fx.Node, fx.Node] | None:
+    """``(name, mean, rstd)`` of the training-mode batch-norm or the layer-norm whose input is ``x``
+    (the aten op, or Inductor's decomposition: ``var_mean`` and ``rsqrt(var + eps)``, through a cast
+    to fp32 under autocast); ``None`` if there is none."""
+    bn = _batch_norm_of(x)
+    if bn is not None:
+        return bn.name, bn.mean, bn.invstd
+    sources = [x] + [u for u in x.users if u.target is _CAST and u.args[1] == torch.float32]
+    nd = len(x.meta["val"].shape)
+    for src in sources:
+        for user in src.users:
+            if user.target in _LAYER_NORMS and user.args[0] is src:
+                results = {u.args[1]: u for u in user.users if u.target is operator.getitem}
+                if {1, 2} <= results.keys():
+                    return target_name(user), results[1], results[2]
+            if user.target is torch.ops.aten.var_mean.correction and user.args[0] is src and nd >= 1:
+                dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+                if dims is None or user.kwargs.get("correction", 1) != 0 or not user.kwargs.get("keepdim", False):
+                    continue
+                k = len(dims)
+                if sorted(d % nd for d in dims) != list(range(nd - k, nd)):
+                    continue  # NB: a layer-norm's statistics are over the trailing dims
+                stats = {u.args[1]: u for u in user.users if u.target is operator.getitem}
+                if stats.keys() != {0, 1}:
+                    continue
+                eps = [u for u in stats[0].users if u.target is torch.ops.aten.add.Tensor and u.args[0] is stats[0]]
+                rstd = [u for e in eps for u in e.users if u.target is torch.ops.aten.rsqrt.default]
+                if len(rstd) == 1:
+                    return "layer-norm (decomposed)", stats[1], rstd[0]
+    return None
+
+
+def _broadcast_shape(stat: torch.Size, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """How a per-row or per-channel statistic of shape ``stat`` broadcasts to ``shape``: as it is where
+    it has ``shape``'s rank (keepdim), else ``(1, C, 1, ...)`` (a batch-norm's ``(C,)``)."""
+    if len(stat) == len(shape):
+        return tuple(stat)
+    return (1, shape[1]) + (1,) * (len(shape) - 2)
+
+
 def _relu_mask(mask: SavedTensor, relu: fx.Node) -> bool:
     """Whether ``mask`` is ``relu <= 0`` (a ReLU backward's condition, which ``save_predicates`` saves
     where the backward would recompute the ReLU), for the forward to keep no copy of it."""
@@ -346,6 +389,15 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
     else:
         inner = _group_affine(layout, LOSSY_BITS[codec], config)
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
+    norm = None if predicates or inner.layout.dtype == torch.float64 else _normalization_of(saved.fw_node)
+    if norm is not None:
+        name, mean, rstd = norm
+        fp32 = dataclasses.replace(layout, dtype=torch.float32)
+        inner = (_group_affine(fp32, inner.bits, config, kernel=False) if isinstance(inner, GroupAffine)
+                 else GroupFP8(fp32, inner.fmt, inner.group))
+        stat_shape = _broadcast_shape(mean.meta["val"].shape, saved.shape)
+        return Decision(Normalized(inner, saved.dtype, stat_shape),
+                        f"values read by {ops}; coded as {name}'s normalized input", extra_inputs=(mean, rstd))
     if len(predicates) == 1:
         (predicate,) = predicates
         try:
@@ -361,9 +413,10 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
     return Decision(inner, f"values read by {ops}")
 
 
-def _group_affine(layout: Layout, bits: int, config: CompressConfig) -> GroupAffine:
-    """The per-group integer codec of ``config``, its encoder one kernel where ``config.encoders`` says so."""
-    kernel = config.encoders is Encoders.TRITON
+def _group_affine(layout: Layout, bits: int, config: CompressConfig, kernel: bool = True) -> GroupAffine:
+    """The per-group integer codec of ``config``, its encoder one kernel where ``config.encoders`` says so
+    (and ``kernel``: a :class:`Normalized` code's encoder normalizes first, in aten ops Inductor fuses)."""
+    kernel = kernel and config.encoders is Encoders.TRITON
     if kernel and layout.device.type == "cuda":
         require_triton()
     return GroupAffine(layout, bits, config.group_size, config.stochastic_rounding, kernel)
