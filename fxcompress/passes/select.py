@@ -224,7 +224,7 @@ def _batch_norm_of(x: fx.Node) -> _BatchNorm | None:
             gamma, beta = user.args[1], user.args[2]
             if {0, 1, 2} <= results.keys() and isinstance(gamma, fx.Node) == isinstance(beta, fx.Node):
                 return _BatchNorm(target_name(user), results[0], gamma, beta, results[1], results[2])
-    sources = [x] + [u for u in x.users if u.target is _CAST and u.args[1] == torch.float32]
+    sources = _fp32_sources(x)
     for src in sources:
         for v in src.users:
             if v.target is torch.ops.aten.var_mean.correction and v.args[0] is src:
@@ -237,42 +237,58 @@ def _batch_norm_of(x: fx.Node) -> _BatchNorm | None:
 _CAST = torch.ops.prims.convert_element_type.default
 
 
-def _decomposed_batch_norm(sources: list[fx.Node], var_mean: fx.Node) -> _BatchNorm | None:
-    """``sources``: the saved tensor and its fp32 casts (autocast: ``var_mean`` reads the cast,
-    ``x - mean`` may read either)."""
-    nd = len(sources[0].meta["val"].shape)
-    dims = var_mean.args[1] if len(var_mean.args) > 1 else var_mean.kwargs.get("dim")
-    if nd < 2 or dims is None or sorted(d % nd for d in dims) != [d for d in range(nd) if d != 1]:
+def _fp32_sources(x: fx.Node) -> list[fx.Node]:
+    """``x`` and its casts to fp32: under autocast a norm reads the cast."""
+    return [x] + [u for u in x.users if u.target is _CAST and u.args[1] == torch.float32]
+
+
+def _only(node: fx.Node, target: object, other: fx.Node | None = None) -> fx.Node | None:
+    """The one user of ``node`` applying ``target`` (to ``other`` as its second operand, if given)."""
+    hits = [u for u in node.users if u.target is target and u.args[0] is node
+            and (other is None or u.args[1] is other)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _var_mean_statistics(var_mean: fx.Node, dims: list[int]) -> tuple[fx.Node, fx.Node] | None:
+    """``(mean, rsqrt(var + eps))`` of a decomposed norm's ``var_mean`` (biased, keepdim) over
+    exactly ``dims`` of its input; ``None`` if it is not one."""
+    nd = len(var_mean.args[0].meta["val"].shape)
+    reduced = var_mean.args[1] if len(var_mean.args) > 1 else var_mean.kwargs.get("dim")
+    if reduced is None or sorted(d % nd for d in reduced) != dims:
         return None
     if var_mean.kwargs.get("correction", 1) != 0 or not var_mean.kwargs.get("keepdim", False):
         return None
     stats = {u.args[1]: u for u in var_mean.users if u.target is operator.getitem}
     if stats.keys() != {0, 1}:
         return None
+    eps = _only(stats[0], torch.ops.aten.add.Tensor)
+    rstd = eps and _only(eps, torch.ops.aten.rsqrt.default)
+    return (stats[1], rstd) if rstd is not None else None
 
-    def only(node: fx.Node, target: object, other: fx.Node | None = None) -> fx.Node | None:
-        """The user of ``node`` applying ``target`` (to ``other`` as its second operand, if given)."""
-        hits = [u for u in node.users if u.target is target and u.args[0] is node
-                and (other is None or u.args[1] is other)]
-        return hits[0] if len(hits) == 1 else None
 
-    eps = only(stats[0], torch.ops.aten.add.Tensor)
-    invstd = eps and only(eps, torch.ops.aten.rsqrt.default)
-    centred = next((c for c in (only(src, torch.ops.aten.sub.Tensor, stats[1]) for src in sources) if c), None)
-    xhat = centred and invstd and only(centred, torch.ops.aten.mul.Tensor, invstd)
+def _decomposed_batch_norm(sources: list[fx.Node], var_mean: fx.Node) -> _BatchNorm | None:
+    """``sources``: the saved tensor and its fp32 casts (autocast: ``var_mean`` reads the cast,
+    ``x - mean`` may read either)."""
+    nd = len(sources[0].meta["val"].shape)
+    statistics = _var_mean_statistics(var_mean, [d for d in range(nd) if d != 1]) if nd >= 2 else None
+    if statistics is None:
+        return None
+    mean, invstd = statistics
+    centred = next((c for c in (_only(src, torch.ops.aten.sub.Tensor, mean) for src in sources) if c), None)
+    xhat = centred and _only(centred, torch.ops.aten.mul.Tensor, invstd)
     if xhat is None:
         return None
     if not any(u.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor) for u in xhat.users):
-        return _BatchNorm("batch-norm (decomposed, no affine)", _uncast(xhat), None, None, stats[1], invstd)
+        return _BatchNorm("batch-norm (decomposed, no affine)", _uncast(xhat), None, None, mean, invstd)
     channels = sources[0].meta["val"].shape[1]
     # NB: several scalings where batch-norms of one tensor share its statistics: the first
     for scaled in (u for u in xhat.users if u.target is torch.ops.aten.mul.Tensor and u.args[0] is xhat):
-        shifted = only(scaled, torch.ops.aten.add.Tensor)
+        shifted = _only(scaled, torch.ops.aten.add.Tensor)
         if shifted is None or not all(isinstance(a, fx.Node) for a in (scaled.args[1], shifted.args[1])):
             continue
         gamma, beta = view_root(scaled.args[1]), view_root(shifted.args[1])
         if all(g.op == "placeholder" and tuple(g.meta["val"].shape) == (channels,) for g in (gamma, beta)):
-            return _BatchNorm("batch-norm (decomposed)", _uncast(shifted), gamma, beta, stats[1], invstd)
+            return _BatchNorm("batch-norm (decomposed)", _uncast(shifted), gamma, beta, mean, invstd)
     return None
 
 
@@ -329,28 +345,19 @@ def _normalization_of(x: fx.Node) -> tuple[str, fx.Node, fx.Node] | None:
     bn = _batch_norm_of(x)
     if bn is not None:
         return bn.name, bn.mean, bn.invstd
-    sources = [x] + [u for u in x.users if u.target is _CAST and u.args[1] == torch.float32]
     nd = len(x.meta["val"].shape)
-    for src in sources:
+    for src in _fp32_sources(x):
         for user in src.users:
             if user.target in _LAYER_NORMS and user.args[0] is src:
                 results = {u.args[1]: u for u in user.users if u.target is operator.getitem}
                 if {1, 2} <= results.keys():
                     return target_name(user), results[1], results[2]
-            if user.target is torch.ops.aten.var_mean.correction and user.args[0] is src and nd >= 1:
-                dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
-                if dims is None or user.kwargs.get("correction", 1) != 0 or not user.kwargs.get("keepdim", False):
-                    continue
-                k = len(dims)
-                if sorted(d % nd for d in dims) != list(range(nd - k, nd)):
-                    continue  # NB: a layer-norm's statistics are over the trailing dims
-                stats = {u.args[1]: u for u in user.users if u.target is operator.getitem}
-                if stats.keys() != {0, 1}:
-                    continue
-                eps = [u for u in stats[0].users if u.target is torch.ops.aten.add.Tensor and u.args[0] is stats[0]]
-                rstd = [u for e in eps for u in e.users if u.target is torch.ops.aten.rsqrt.default]
-                if len(rstd) == 1:
-                    return "layer-norm (decomposed)", stats[1], rstd[0]
+            if user.target is torch.ops.aten.var_mean.correction and user.args[0] is src:
+                reduced = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+                k = len(reduced or ())  # NB: a layer-norm's statistics are over the trailing dims
+                statistics = _var_mean_statistics(user, list(range(nd - k, nd))) if k else None
+                if statistics is not None:
+                    return ("layer-norm (decomposed)", *statistics)
     return None
 
 
