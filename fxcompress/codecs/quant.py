@@ -50,6 +50,7 @@ import math
 
 import torch
 
+from ..errors import InternalError
 from .base import Codec, Layout, pack_bits, pack_slices, predicate_values, unpack_bits, unpack_slices
 from .uses import Predicate
 
@@ -329,12 +330,20 @@ class Normalized(Codec):
     (every row or channel on one scale: its steps are fractions of a standard deviation), and
     ``decode`` gives ``x' = xhat' / rstd + mean``, with the norm's own statistics (saved
     beside the codes in fp32). ``stat_shape``: the shape that broadcasts them to ``x``.
-    Bytes: ``inner``'s plus 8 per statistic.
+
+    ``shift_shape``: the saved tensor is an operand ``s`` of the norm's input ``x = s + p``, ``p``
+    of that shape broadcasting to ``x`` (Inductor's min-cut saves a ViT's tokens before the
+    position embedding is added, and recomputes the sum): ``encode(s, mean, rstd, p)`` codes
+    ``(s + p - mean) * rstd`` and ``decode`` subtracts a copy of ``p`` again.
+
+    Bytes: ``inner``'s, plus 8 per statistic, plus ``p``'s.
     """
 
     inner: GroupAffine | GroupFP8  # over xhat, in fp32, in x's layout
     dtype: torch.dtype  # x's
     stat_shape: tuple[int, ...]
+    shift_shape: tuple[int, ...] | None = None
+    shift_dtype: torch.dtype = torch.float32
 
     lossless = False
 
@@ -346,28 +355,36 @@ class Normalized(Codec):
     def layout(self) -> Layout:
         return dataclasses.replace(self.inner.layout, dtype=self.dtype)
 
-    def encode(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+               *shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mean, rstd = mean.float().reshape(self.stat_shape), rstd.float().reshape(self.stat_shape)
+        xhat = (self._shifted(x, shift) - mean) * rstd
         # NB: copies: a view of the graph's own statistics would share their storage where the
         # backward saves them too, and not where it does not; the report counts them, so they are stored
-        return (*self.inner.encode((x.float() - mean) * rstd), mean.clone(), rstd.clone())
+        return (*self.inner.encode(xhat), mean.clone(), rstd.clone(), *(p.clone() for p in shift))
 
     def decode(self, *parts: torch.Tensor) -> torch.Tensor:
-        *codes, mean, rstd = parts
-        return (self.inner.decode(*codes) / rstd + mean).to(self.dtype)
+        shift = parts[-1:] if self.shift_shape is not None else ()
+        *codes, mean, rstd = parts[:len(parts) - len(shift)]
+        x = self.inner.decode(*codes) / rstd + mean
+        return (x - shift[0].float() if shift else x).to(self.dtype)
+
+    def _shifted(self, x: torch.Tensor, shift: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if len(shift) != (self.shift_shape is not None):
+            raise InternalError(f"{self.name}: {len(shift)} shift tensors for shift_shape={self.shift_shape}")
+        return x.float() + shift[0].float() if shift else x.float()
 
     def nbytes(self) -> int:
-        n = 1
-        for s in self.stat_shape:
-            n *= s
-        return self.inner.nbytes() + 8 * n
+        shift = 0 if self.shift_shape is None else math.prod(self.shift_shape) * self.shift_dtype.itemsize
+        return self.inner.nbytes() + 8 * math.prod(self.stat_shape) + shift
 
-    def max_error(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    def max_error(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *shift: torch.Tensor) -> torch.Tensor:
         """Per-element bound on ``|x' - x|``: ``inner``'s bound on ``xhat``, over ``rstd``, plus fp32 rounding."""
         mean, rstd = mean.float().reshape(self.stat_shape), rstd.float().reshape(self.stat_shape)
-        xhat = (x.float() - mean) * rstd
+        xs = self._shifted(x, shift)
         eps = torch.finfo(torch.float32).eps
-        return self.inner.max_error(xhat) / rstd * (1 + 4 * eps) + (x.float().abs() + mean.abs()) * (4 * eps)
+        rounding = (xs.abs() + mean.abs() + sum(p.float().abs() * 2 for p in shift) + x.float().abs()) * (4 * eps)
+        return self.inner.max_error((xs - mean) * rstd) / rstd * (1 + 4 * eps) + rounding
 
 
 @dataclasses.dataclass(frozen=True)

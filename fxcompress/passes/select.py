@@ -361,6 +361,24 @@ def _normalization_of(x: fx.Node) -> tuple[str, fx.Node, fx.Node] | None:
     return None
 
 
+def _shift_into_norm(saved: SavedTensor) -> tuple[fx.Node, tuple[str, fx.Node, fx.Node]] | tuple[()]:
+    """``(p, norm)`` where ``saved`` is an operand of a norm's input ``s + p``, ``p`` a graph input
+    smaller than ``s`` that broadcasts to it (a position embedding; the norm's backward then reads
+    ``s``'s error as it reads its input's); ``()`` if not."""
+    s = saved.fw_node
+    for user in s.users:
+        if user.target is not torch.ops.aten.add.Tensor or user.kwargs or len(user.args) != 2:
+            continue
+        p = user.args[1] if user.args[0] is s else user.args[0]
+        if (isinstance(p, fx.Node) and p is not s and p.op == "placeholder"
+                and p.meta["val"].dtype.is_floating_point and p.meta["val"].numel() < s.meta["val"].numel()
+                and user.meta["val"].shape == s.meta["val"].shape):
+            norm = _normalization_of(user)
+            if norm is not None:
+                return p, norm
+    return ()
+
+
 def _broadcast_shape(stat: torch.Size, shape: tuple[int, ...]) -> tuple[int, ...]:
     """How a per-row or per-channel statistic of shape ``stat`` broadcasts to ``shape``: as it is where
     it has ``shape``'s rank (keepdim), else ``(1, C, 1, ...)`` (a batch-norm's ``(C,)``)."""
@@ -397,14 +415,20 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
         inner = _group_affine(layout, LOSSY_BITS[codec], config)
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
     norm = None if predicates or inner.layout.dtype == torch.float64 else _normalization_of(saved.fw_node)
-    if norm is not None:
-        name, mean, rstd = norm
+    shift = () if norm is not None or predicates or inner.layout.dtype == torch.float64 else _shift_into_norm(saved)
+    if norm is not None or shift:
+        name, mean, rstd = norm or shift[1]
         fp32 = dataclasses.replace(layout, dtype=torch.float32)
         inner = (_group_affine(fp32, inner.bits, config, kernel=False) if isinstance(inner, GroupAffine)
                  else GroupFP8(fp32, inner.fmt, inner.group))
         stat_shape = _broadcast_shape(mean.meta["val"].shape, saved.shape)
-        return Decision(Normalized(inner, saved.dtype, stat_shape),
-                        f"values read by {ops}; coded as {name}'s normalized input", extra_inputs=(mean, rstd))
+        if not shift:
+            return Decision(Normalized(inner, saved.dtype, stat_shape),
+                            f"values read by {ops}; coded as {name}'s normalized input", extra_inputs=(mean, rstd))
+        p = shift[0].meta["val"]
+        return Decision(Normalized(inner, saved.dtype, stat_shape, tuple(p.shape), p.dtype),
+                        f"values read by {ops}; coded as {name}'s normalized input, minus {shift[0].name}",
+                        extra_inputs=(mean, rstd, shift[0]))
     if len(predicates) == 1:
         (predicate,) = predicates
         try:
