@@ -55,6 +55,33 @@ def _nonfinite_input(clamp):
     return x
 
 
+NORM_CASES = [  # (shape, channels_last, dtype, shift, bits, stochastic): a norm's input coded normalized
+    ((4, 17, 64), False, torch.bfloat16, False, 4, True),  # a layer-norm's rows (a group spans four)
+    ((4, 17, 64), False, torch.float32, True, 2, False),  # ... less a position embedding (1, 17, 64)
+    ((3, 24, 5, 7), True, torch.bfloat16, False, 4, True),  # a channels-last batch-norm's channels
+    ((3, 24, 5, 7), False, torch.float16, False, 8, False),  # a contiguous one's
+]
+
+
+def _norm_input(shape, channels_last, dtype, shift):
+    """A norm's input in memory order, its statistics as :class:`Normalized` passes them to the op."""
+    from fxcompress.codecs.quant import Normalized
+
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
+    x[:, 0] *= 1e-3  # a narrow row or channel
+    x = x.to(dtype)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    dims = (0, 2, 3) if len(shape) == 4 else (-1,)
+    p = torch.randn(1, *shape[1:]) * 0.02 if shift else None
+    xs = x.float() + (p if shift else 0)
+    mean, rstd = xs.mean(dims, keepdim=True), (xs.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    inner = GroupAffine(Layout.of(x.float()), 4, 256, True, kernel=True)
+    codec = Normalized(inner, dtype, tuple(mean.shape), *((tuple(p.shape), p.dtype) if shift else ()))
+    norm = kernels.Norm(mean.reshape(-1), rstd.reshape(-1), p.reshape(-1) if shift else None, codec.kernel_index())
+    return Layout.of(x).flatten(x), norm
+
+
 def _interpret_cases(path: str) -> None:
     """Run in a process started with ``TRITON_INTERPRET=1``: the kernel's and the aten code's
     encodings of every case, saved to ``path``."""
@@ -72,6 +99,11 @@ def _interpret_cases(path: str) -> None:
         x, seed = _nonfinite_input(clamp), kernels.new_seed("cpu")
         out[f"nonfinite {clamp}"] = (kernels.launch_encode(kernel, x, seed, 5, 4, NONFINITE_GROUP, clamp),
                                      kernels._reference(x, seed, 5, 4, NONFINITE_GROUP, clamp))
+    for case in NORM_CASES:
+        x, norm = _norm_input(*case[:4])
+        seed = kernels.new_seed(x.device) if case[5] else None
+        out[str(case)] = (kernels.launch_encode(kernel, x, seed, 9, case[4], 256, None, norm),
+                          kernels._reference(x, seed, 9, case[4], 256, None, norm))
     x, seed = _input(300 * 64 + 1, torch.float32, None), torch.tensor([0x0123456789ABCDEF >> 2])  # both key words
     out["draws"] = (kernels.launch_encode(kernel, x, seed, (1 << 31) - 1, 4, 64, None),
                     kernels._reference(x, seed, (1 << 31) - 1, 4, 64, None))
@@ -101,6 +133,28 @@ def test_kernel_matches_the_aten_encoder_bit_for_bit(interpreted, case):
     for name, a, b in zip(("codes", "lo", "scale"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert torch.equal(a, b), f"{name}: {int((a != b).sum())} of {a.numel()} differ"
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+def test_kernel_normalizes_a_norms_input_as_the_aten_code_does(interpreted, case):
+    """Layer-norm rows, channels of both layouts, a shift: the statistics found by memory index."""
+    got, want = interpreted[str(case)]
+    for name, a, b in zip(("codes", "lo", "scale"), got, want):
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} of {a.numel()} differ"
+
+
+def test_memory_index_follows_the_layout_or_declines():
+    nchw, nhwc = Layout.of(torch.empty(2, 3, 4, 5)), Layout.of(torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    assert kernels.memory_index(nchw, (1, 3, 1, 1)) == (20, 3)
+    assert kernels.memory_index(nhwc, (1, 3, 1, 1)) == (1, 3)
+    assert kernels.memory_index(nchw, (2, 3, 1, 1)) == (20, 6)
+    assert kernels.memory_index(nhwc, (2, 3, 1, 1)) is None  # n and c not adjacent in memory
+    rows = Layout.of(torch.empty(4, 17, 64))
+    assert kernels.memory_index(rows, (4, 17, 1)) == (64, 68)
+    assert kernels.memory_index(rows, (1, 17, 64)) == (1, 17 * 64)
+    transposed = Layout.of(torch.empty(64, 17).t())
+    assert kernels.memory_index(transposed, (17, 1)) == (1, 17)  # a row's statistic: the innermost dim in memory
+    assert kernels.memory_index(transposed, (17, 64)) is None  # dims in memory in the other order than its own
 
 
 def test_kernel_draws_are_the_reference_draws(interpreted):
@@ -231,6 +285,24 @@ def test_a_step_with_kernel_encoders_under_inductor():
     assert_grads_close(got.grads, want.grads)
 
 
+def test_a_norms_input_less_an_embedding_takes_the_kernel_under_inductor():
+    """A ViT stem under Inductor: the saved tokens before the position embedding is added, coded
+    normalized by the kernel op (its statistics and the embedding passed in), the aten step's gradients."""
+    from fxcompress.codecs.quant import Normalized
+    from test_quant import _ClassTokenEncoder
+
+    torch.manual_seed(0)
+    model, x = _ClassTokenEncoder(), torch.randn(4, 16, 48)
+    want = train_step(model, x, compressed("int4", "inductor", stochastic_rounding=False))
+    got = train_step(model, x, compressed("int4", "inductor", encoders="triton", stochastic_rounding=False))
+    normalized = [d.codec for c in got.module.capture_log.captures() for d in c.plan.decisions
+                  if isinstance(d.codec, Normalized)]
+    assert [(c.inner.kernel, c.shift_shape) for c in normalized] == [(True, (1, 17, 64))]
+    encoders = [n for c in got.module.capture_log.captures() for n in c.rewritten.fw.graph.nodes if n.target is ENCODE]
+    assert any(n.args[8] is not None for n in encoders)  # the shift
+    assert_grads_close(got.grads, want.grads)
+
+
 def test_encoders_is_checked(monkeypatch):
     with pytest.raises(fxcompress.ConfigError, match="'aten', 'triton'"):
         fxcompress.CompressConfig(codec="int4", encoders="cuda")
@@ -253,7 +325,9 @@ def test_the_kernel_compiles_for_a_gpu_to_vector_loads_and_exact_arithmetic(bits
 
     constants = kernels._launch_constants(bits, 256, clamp, torch.bfloat16, True)
     signature = {"x_ptr": "*bf16", "seed_ptr": "*i64", "stream": "i32", "packed_ptr": "*u8", "lo_ptr": "*fp32",
-                 "scale_ptr": "*fp32", "n": "i32", "n_groups": "i32", **{name: "constexpr" for name in constants}}
+                 "scale_ptr": "*fp32", "n": "i32", "n_groups": "i32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                 "shift_ptr": "*fp32", "stat_div": "i32", "stat_mod": "i32", "shift_div": "i32", "shift_mod": "i32",
+                 **{name: "constexpr" for name in constants}}
     names = list(signature)
     source = ASTSource(fn=affine_encode_kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()},
@@ -281,7 +355,7 @@ def test_one_compile_serves_every_encoder_of_a_codec():
         constants = kernels._launch_constants(4, 256, clamp, torch.bfloat16, True)
         for stream in range(40):
             for n in (4096, 100352, 802816, 256 * 17):  # group counts of every class: 16, 392, 3136, 17
-                _, spec, _ = bind(x, seed, stream, x, x, x, n, n // 256, **constants)
+                _, spec, _ = bind(x, seed, stream, x, x, x, n, n // 256, x, x, x, 1, 1, 1, 1, **constants)
                 keys.setdefault(clamp, set()).add(str(spec))
     assert {clamp: len(k) for clamp, k in keys.items()} == {None: 1, 0.0: 1}
 

@@ -48,13 +48,14 @@ def _draws(seed_ptr, stream, g, ROUNDS: tl.constexpr):
 # count would make six compiles of each codec's kernel where one does: cold, serially, at a step's
 # first launch. ``n`` stays specialized: its multiple of 16 proves the loads' masks constant over
 # vector runs (tests/test_kernels.py).
-@triton.jit(do_not_specialize=["stream", "n_groups"])
+@triton.jit(do_not_specialize=["stream", "n_groups", "stat_div", "stat_mod", "shift_div", "shift_mod"])
 def affine_encode_kernel(
     x_ptr, seed_ptr, stream, packed_ptr, lo_ptr, scale_ptr, n, n_groups,
+    mean_ptr, rstd_ptr, shift_ptr, stat_div, stat_mod, shift_div, shift_mod,
     GROUP: tl.constexpr, BITS: tl.constexpr, BYTES: tl.constexpr, BYTES_P2: tl.constexpr,
     BLOCK_GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr, CLAMPED: tl.constexpr, C: tl.constexpr,
     STEP_FACTOR: tl.constexpr, LEVELS: tl.constexpr, PHI: tl.constexpr, MIN_SCALE: tl.constexpr,
-    ROUNDS: tl.constexpr,
+    ROUNDS: tl.constexpr, NORM: tl.constexpr, SHIFT: tl.constexpr,
 ):
     # One program: BLOCK_GROUPS groups as a [groups, places in a byte, bytes] tile; element
     # ``j * BYTES + b`` of a group goes to bit offset ``BITS * j`` of its byte ``b`` (quant._groups).
@@ -76,6 +77,12 @@ def affine_encode_kernel(
     xs = tl.load(x_ptr + index, mask=ok & inside, other=0.0)
     xs = tl.where(inside, xs, tl.load(x_ptr + n - 1))
     x = xs.to(tl.float32)
+    if NORM:  # a norm's input, coded as ((x + shift) - mean) * rstd (quant.Normalized), statistics by memory index
+        at = tl.where(inside, index, n - 1).to(tl.int32)  # NB: the padding is the last element's, normalized
+        if SHIFT:
+            x = x + tl.load(shift_ptr + (at // shift_div) % shift_mod).to(tl.float32)
+        k = (at // stat_div) % stat_mod
+        x = (x - tl.load(mean_ptr + k)) * tl.load(rstd_ptr + k)
     if CLAMPED:
         at_c = xs <= C  # NB: in x's own dtype, as the op reads it (C is the clamp value rounded to it)
         hi = tl.reduce(tl.reduce(tl.where(ok, x, -float("inf")), 2, _nan_max), 1, _nan_max)

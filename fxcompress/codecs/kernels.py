@@ -29,7 +29,10 @@ packed bytes and the groups' ranges. Whether that is faster on a GPU is for
 ``bench/encoders.py`` (variants ``triton`` and ``fxcompress``) to say.
 
 :class:`SplitAffine` (rounding to nearest with a one-sided predicate) and
-:class:`GroupFP8` keep their aten encoders.
+:class:`GroupFP8` keep their aten encoders. A norm's input
+(:class:`~fxcompress.codecs.quant.Normalized`) is coded by the same kernel,
+which reads the norm's statistics (:class:`Norm`) and normalizes each element
+as it loads it.
 
 On CUDA tensors the op launches the Triton kernel; elsewhere it runs the
 codec's aten code (the reference), so a graph with the op runs on any
@@ -50,8 +53,10 @@ the same numbers with aten ops, for the reference.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
+import math
 from typing import Optional
 
 import torch
@@ -96,20 +101,61 @@ def _shapes(n: int, bits: int, group: int) -> tuple[int, int]:
 
 
 def launch_encode(kernel, x: torch.Tensor, seed: Optional[torch.Tensor], stream: int, bits: int, group: int,
-                  clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  clamp: Optional[float], norm: "Norm | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``kernel`` (:func:`encode_kernel`, or its interpreted form in the tests) on a 1-D ``x``."""
     n = x.numel()
     n_groups, n_bytes = _shapes(n, bits, group)
     packed = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
     lo = torch.empty(n_groups, 1, 1, dtype=torch.float32, device=x.device)
     scale = torch.empty(n_groups, 1, 1, dtype=torch.float32, device=x.device)
-    constants = _launch_constants(bits, group, clamp, x.dtype, seed is not None)
+    constants = _launch_constants(bits, group, clamp, x.dtype, seed is not None, norm is not None,
+                                  norm is not None and norm.shift is not None)
     blocks = -(-n_groups // constants["BLOCK_GROUPS"])
-    # NB: the seed's pointer is unread when rounding to nearest. No fused multiply-adds, so that
-    # the codes are the aten code's (a kernel per op) on CUDA too.
+    # NB: unread pointers (the seed's when rounding to nearest, the statistics' without a norm) point at lo.
+    # No fused multiply-adds, so that the codes are the aten code's (a kernel per op) on CUDA too.
+    mean, rstd, shift = (lo, lo, lo) if norm is None else (norm.mean, norm.rstd, lo if norm.shift is None else norm.shift)
+    index = (1, 1, 1, 1) if norm is None else norm.index
     kernel[(blocks,)](x, seed if seed is not None else lo, stream, packed, lo, scale, n, n_groups,
-                      **constants, **_NO_FMA)
+                      mean, rstd, shift, *index, **constants, **_NO_FMA)
     return packed, lo, scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A norm's statistics for an encoder of its input (:class:`~fxcompress.codecs.quant.Normalized`):
+    the kernel codes ``((x + shift) - mean) * rstd``, each 1-D, element ``i`` of ``x`` (memory order)
+    reading ``mean[(i // stat_div) % stat_mod]`` and ``shift[(i // shift_div) % shift_mod]``."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    shift: Optional[torch.Tensor]
+    index: tuple[int, int, int, int]  # stat_div, stat_mod, shift_div, shift_mod
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's arithmetic in aten ops (the reference)."""
+        i = torch.arange(x.numel(), device=x.device)
+        stat_div, stat_mod, shift_div, shift_mod = self.index
+        x = x.float()
+        if self.shift is not None:
+            x = x + self.shift.float()[(i // shift_div) % shift_mod]
+        k = (i // stat_div) % stat_mod
+        return (x - self.mean[k]) * self.rstd[k]
+
+
+def memory_index(layout: Layout, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(div, mod)`` such that element ``i`` of ``layout`` (memory order) reads element ``(i // div) % mod``
+    of a contiguous tensor of ``shape`` broadcast to it; ``None`` where no such pair exists (the dims
+    it varies along are not adjacent in memory, in its own order)."""
+    varying = [d for d in range(len(shape)) if shape[d] != 1]
+    if not varying:
+        return 1, 1
+    if len(shape) != len(layout.shape) or any(shape[d] != layout.shape[d] for d in varying):
+        return None
+    in_memory = [d for d in layout.order if layout.shape[d] != 1]
+    at = [in_memory.index(d) for d in varying]
+    if at != list(range(at[0], at[0] + len(at))):  # NB: adjacent, and in the stat's own (dim) order
+        return None
+    return layout.stride[varying[-1]], math.prod(shape[d] for d in varying)
 
 
 PHILOX_ROUNDS = 10
@@ -187,7 +233,8 @@ def share_seed(graph: fx.Graph) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_constants(bits: int, group: int, clamp: Optional[float], dtype: torch.dtype, stochastic: bool) -> dict:
+def _launch_constants(bits: int, group: int, clamp: Optional[float], dtype: torch.dtype, stochastic: bool,
+                      norm: bool = False, shift: bool = False) -> dict:
     """The kernel's compile-time constants (cached: a step launches every encoder every time)."""
     per_byte = 8 // bits
     n_group_bytes = group // per_byte
@@ -199,12 +246,13 @@ def _launch_constants(bits: int, group: int, clamp: Optional[float], dtype: torc
     c = 0.0 if clamp is None else float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
     return dict(GROUP=group, BITS=bits, BYTES=n_group_bytes, BYTES_P2=bytes_p2, BLOCK_GROUPS=block,
                 STOCHASTIC=stochastic, CLAMPED=clamp is not None, C=c, STEP_FACTOR=2.0 / steps,
-                LEVELS=levels, PHI=_PHI, MIN_SCALE=_MIN_SCALE, ROUNDS=PHILOX_ROUNDS)
+                LEVELS=levels, PHI=_PHI, MIN_SCALE=_MIN_SCALE, ROUNDS=PHILOX_ROUNDS, NORM=norm, SHIFT=shift)
 
 
 def _reference(x: torch.Tensor, seed: Optional[torch.Tensor], stream: int, bits: int, group: int,
-               clamp: Optional[float]) -> tuple[torch.Tensor, ...]:
+               clamp: Optional[float], norm: Norm | None = None) -> tuple[torch.Tensor, ...]:
     """The codec's aten code on a 1-D ``x``, with the kernel's draws: what the kernel computes."""
+    x = x if norm is None else norm.normalize(x)
     inner = GroupAffine(Layout.of(x), bits, group, seed is not None)
     r = None if seed is None else draws(seed, stream, _shapes(x.numel(), bits, group)[0]).view(-1, 1, 1)
     if clamp is None:
@@ -215,28 +263,34 @@ def _reference(x: torch.Tensor, seed: Optional[torch.Tensor], stream: int, bits:
 
 @torch.library.custom_op("fxcompress::affine_encode", mutates_args=())
 def affine_encode(x: torch.Tensor, seed: Optional[torch.Tensor], stream: int, bits: int, group: int,
-                  clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  clamp: Optional[float], mean: Optional[torch.Tensor] = None, rstd: Optional[torch.Tensor] = None,
+                  shift: Optional[torch.Tensor] = None, index: Optional[list[int]] = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group affine ``bits``-bit codes of the 1-D dense ``x``: ``(packed, lo, scale)``.
 
     ``seed`` (one int64) and ``stream``: the key and the counter's second word of
     stochastic rounding's draws (:func:`draws`); ``seed=None`` rounds to nearest.
     ``clamp``: ``None`` for :class:`GroupAffine`'s codes, or ``c`` for
-    :class:`ClampedAffine`'s (code 0 for ``x <= c``).
+    :class:`ClampedAffine`'s (code 0 for ``x <= c``). ``mean``, ``rstd`` (1-D fp32),
+    ``shift`` and ``index``: the codes of a norm's input in its normalized space (:class:`Norm`).
     """
     torch._check(seed is None or (seed.dtype == torch.int64 and seed.numel() == 1),
                  lambda: f"affine_encode: the seed must be one int64, not {seed.numel()} {seed.dtype}")
     torch._check(0 <= stream < 1 << 31, lambda: f"affine_encode: stream {stream} is not in [0, 2**31)")
+    torch._check((mean is None) == (rstd is None) == (index is None) and (mean is not None or shift is None)
+                 and (clamp is None or mean is None), lambda: "affine_encode: mean, rstd and index come together")
+    norm = None if mean is None else Norm(mean, rstd, shift, tuple(index))
     if x.is_cuda:
         require_triton()
         # NB: Triton launches on the current device; contiguous() is a no-op on what the codecs
         # pass (a dense tensor's memory-order view)
         with torch.cuda.device(x.device):
-            return launch_encode(encode_kernel(), x.contiguous(), seed, stream, bits, group, clamp)
-    return tuple(t.contiguous() for t in _reference(x, seed, stream, bits, group, clamp))
+            return launch_encode(encode_kernel(), x.contiguous(), seed, stream, bits, group, clamp, norm)
+    return tuple(t.contiguous() for t in _reference(x, seed, stream, bits, group, clamp, norm))
 
 
 @affine_encode.register_fake
-def _(x, seed, stream, bits, group, clamp):
+def _(x, seed, stream, bits, group, clamp, mean=None, rstd=None, shift=None, index=None):
     n_groups, n_bytes = _shapes(x.numel(), bits, group)
     return (x.new_empty(n_bytes, dtype=torch.uint8), x.new_empty(n_groups, 1, 1, dtype=torch.float32),
             x.new_empty(n_groups, 1, 1, dtype=torch.float32))

@@ -270,13 +270,14 @@ class GroupAffine(Codec):
         return _ungroup(dataclasses.replace(self.layout, dtype=torch.float32), self._bound(scale, g))
 
 
-def _kernel_encode(codec: GroupAffine, x: torch.Tensor, clamp: float | None) -> tuple[torch.Tensor, ...]:
-    """``codec``'s encoding (``clamp``: :class:`ClampedAffine`'s ``c``) as one ``fxcompress.affine_encode`` node."""
+def _kernel_encode(codec: GroupAffine, x: torch.Tensor, clamp: float | None, *norm) -> tuple[torch.Tensor, ...]:
+    """``codec``'s encoding (``clamp``: :class:`ClampedAffine`'s ``c``) as one ``fxcompress.affine_encode`` node;
+    ``norm``: ``mean, rstd, shift, index`` of :class:`Normalized` (``kernels.Norm``)."""
     from . import kernels  # NB: here, not at the top: kernels imports this module
 
     # NB: stream 0 and a seed of its own; the rewrite gives a graph's encoders one seed and streams apart
     seed = kernels.new_seed(x.device) if codec.stochastic else None
-    return torch.ops.fxcompress.affine_encode(codec.layout.flatten(x), seed, 0, codec.bits, codec.group, clamp)
+    return torch.ops.fxcompress.affine_encode(codec.layout.flatten(x), seed, 0, codec.bits, codec.group, clamp, *norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,10 +359,24 @@ class Normalized(Codec):
     def encode(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                *shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mean, rstd = mean.float().reshape(self.stat_shape), rstd.float().reshape(self.stat_shape)
-        xhat = (self._shifted(x, shift) - mean) * rstd
+        if isinstance(self.inner, GroupAffine) and self.inner.kernel:  # NB: the kernel normalizes as it loads
+            index = self.kernel_index()
+            p = shift[0].reshape(-1) if shift else None
+            codes = _kernel_encode(self.inner, x, None, mean.reshape(-1), rstd.reshape(-1), p, list(index))
+        else:
+            codes = self.inner.encode((self._shifted(x, shift) - mean) * rstd)
         # NB: copies: a view of the graph's own statistics would share their storage where the
         # backward saves them too, and not where it does not; the report counts them, so they are stored
-        return (*self.inner.encode(xhat), mean.clone(), rstd.clone(), *(p.clone() for p in shift))
+        return (*codes, mean.clone(), rstd.clone(), *(p.clone() for p in shift))
+
+    def kernel_index(self) -> tuple[int, int, int, int] | None:
+        """``(stat_div, stat_mod, shift_div, shift_mod)`` of ``kernels.Norm`` for this layout, or ``None``
+        where the statistics (or the shift) do not follow ``x``'s memory order (aten encoders then)."""
+        from .kernels import memory_index
+
+        stat = memory_index(self.inner.layout, self.stat_shape)
+        shift = (1, 1) if self.shift_shape is None else memory_index(self.inner.layout, self.shift_shape)
+        return None if stat is None or shift is None else (*stat, *shift)
 
     def decode(self, *parts: torch.Tensor) -> torch.Tensor:
         shift = parts[-1:] if self.shift_shape is not None else ()

@@ -419,16 +419,15 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
     if norm is not None or shift:
         name, mean, rstd = norm or shift[1]
         fp32 = dataclasses.replace(layout, dtype=torch.float32)
-        inner = (_group_affine(fp32, inner.bits, config, kernel=False) if isinstance(inner, GroupAffine)
+        inner = (_group_affine(fp32, inner.bits, config) if isinstance(inner, GroupAffine)
                  else GroupFP8(fp32, inner.fmt, inner.group))
         stat_shape = _broadcast_shape(mean.meta["val"].shape, saved.shape)
-        if not shift:
-            return Decision(Normalized(inner, saved.dtype, stat_shape),
-                            f"values read by {ops}; coded as {name}'s normalized input", extra_inputs=(mean, rstd))
-        p = shift[0].meta["val"]
-        return Decision(Normalized(inner, saved.dtype, stat_shape, tuple(p.shape), p.dtype),
-                        f"values read by {ops}; coded as {name}'s normalized input, minus {shift[0].name}",
-                        extra_inputs=(mean, rstd, shift[0]))
+        p = shift[0].meta["val"] if shift else None
+        codec = Normalized(inner, saved.dtype, stat_shape, *((tuple(p.shape), p.dtype) if shift else ()))
+        if isinstance(inner, GroupAffine) and inner.kernel and codec.kernel_index() is None:
+            codec = dataclasses.replace(codec, inner=dataclasses.replace(inner, kernel=False))
+        why = f"values read by {ops}; coded as {name}'s normalized input" + (f", minus {shift[0].name}" if shift else "")
+        return Decision(codec, why, extra_inputs=(mean, rstd, *shift[:1]))
     if len(predicates) == 1:
         (predicate,) = predicates
         try:
@@ -444,10 +443,9 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
     return Decision(inner, f"values read by {ops}")
 
 
-def _group_affine(layout: Layout, bits: int, config: CompressConfig, kernel: bool = True) -> GroupAffine:
-    """The per-group integer codec of ``config``, its encoder one kernel where ``config.encoders`` says so
-    (and ``kernel``: a :class:`Normalized` code's encoder normalizes first, in aten ops Inductor fuses)."""
-    kernel = kernel and config.encoders is Encoders.TRITON
+def _group_affine(layout: Layout, bits: int, config: CompressConfig) -> GroupAffine:
+    """The per-group integer codec of ``config``, its encoder one kernel where ``config.encoders`` says so."""
+    kernel = config.encoders is Encoders.TRITON
     if kernel and layout.device.type == "cuda":
         require_triton()
     return GroupAffine(layout, bits, config.group_size, config.stochastic_rounding, kernel)
