@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import fxcompress
 from conftest import assert_grads_equal, compressed, grads_cosine, make_model, train_step
+from test_kernels import NORM_CASES, _norm_input
 from test_quant import _no_dropout
 
 pytestmark = pytest.mark.skipif(
@@ -123,6 +124,23 @@ def test_triton_encoder_matches_the_aten_encoder_on_the_gpu(bits, clamp):
     # as the aten ops (one kernel each) compute: the same bytes (fxcompress/codecs/kernels.py)
     assert torch.equal(lo, ref_lo) and torch.equal(scale, ref_scale)
     assert torch.equal(packed, ref_packed), f"{int((packed != ref_packed).sum())} of {packed.numel()} bytes differ"
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+def test_triton_encoder_normalizes_as_the_aten_encoder_on_the_gpu(case):
+    """A norm's input (rows, channels of both layouts, a shift): the statistics read by memory index."""
+    import dataclasses
+
+    from fxcompress.codecs import kernels
+
+    x, norm = _norm_input(*case[:4])
+    x = x.cuda()
+    norm = dataclasses.replace(norm, mean=norm.mean.cuda(), rstd=norm.rstd.cuda(),
+                               shift=None if norm.shift is None else norm.shift.cuda())
+    seed = kernels.new_seed("cuda") if case[5] else None
+    got = kernels.launch_encode(kernels.encode_kernel(), x, seed, 9, case[4], 256, None, norm)
+    for a, b in zip(got, kernels._reference(x, seed, 9, case[4], 256, None, norm)):
+        assert torch.equal(a, b), f"{int((a != b).sum())} of {a.numel()} differ"
 
 
 @pytest.mark.parametrize("clamp", [None, 0.0])
