@@ -414,8 +414,8 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
     else:
         inner = _group_affine(layout, LOSSY_BITS[codec], config)
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
-    norm = None if predicates or inner.layout.dtype == torch.float64 else _normalization_of(saved.fw_node)
-    shift = () if norm is not None or predicates or inner.layout.dtype == torch.float64 else _shift_into_norm(saved)
+    norm = None if predicates else _normalization_of(saved.fw_node)
+    shift = () if predicates or norm is not None else _shift_into_norm(saved)
     if norm is not None or shift:
         name, mean, rstd = norm or shift[1]
         fp32 = dataclasses.replace(layout, dtype=torch.float32)
