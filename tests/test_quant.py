@@ -1,4 +1,5 @@
 """Lossy codecs: bytes by formula, stated error bounds, unbiased and reproducible rounding."""
+import dataclasses
 import math
 
 import pytest
@@ -453,6 +454,19 @@ def test_normalized_codes_bound_the_error_of_every_row_in_its_own_spread(inner):
     assert shifted.nbytes() == sum(t.numel() * t.element_size() for t in parts_s) == codec.nbytes() + p.numel() * 4
     assert ((got_s - (x - p)).abs() <= shifted.max_error(x - p, mean, rstd, p)).all()
     assert ((got_s + p - x) * rstd).abs().max() < {"int4": 1.0, "int2": 4.0, "fp8": 0.5}[inner]
+    # a group-norm's input: (N, G) statistics, each over C / G channels, stored repeated per channel
+    y = torch.randn(2, 16, 4, 4)
+    y[:, :4] *= 1e-3
+    g = y.view(2, 4, -1)
+    g_mean, g_rstd = g.mean(-1), (g.var(-1, unbiased=False) + 1e-5).rsqrt()
+    inner_g = dataclasses.replace(plain, layout=Layout.of(y))
+    grouped = Normalized(inner_g, y.dtype, (2, 16, 1, 1), repeat=4)
+    parts_g = grouped.encode(y, g_mean, g_rstd)
+    assert grouped.nbytes() == sum(t.numel() * t.element_size() for t in parts_g) == inner_g.nbytes() + 8 * 32
+    got_g = grouped.decode(*parts_g)
+    assert ((got_g - y).abs() <= grouped.max_error(y, g_mean, g_rstd)).all()
+    rstd_c = g_rstd.repeat_interleave(4, 1).view(2, 16, 1, 1)
+    assert ((got_g - y) * rstd_c).abs().max() < {"int4": 1.0, "int2": 4.0, "fp8": 0.5}[inner]
     err_hat = ((got - x) * rstd).abs()
     plain_hat = ((plain.decode(*plain.encode(x)) - x) * rstd).abs()
     limit = {"int4": 1.0, "int2": 4.0, "fp8": 0.5}[inner]  # a step of xhat's range, about 8 sigma wide
@@ -498,6 +512,38 @@ def test_a_class_tokens_gradient_survives_int4(backend):
         assert cos > 0.97, f"{backend} {name}: cosine {cos:.4f}"
     rows = fxcompress.explain(got.module).rows
     assert any("normalized input" in r.reason and r.codec.startswith("int4") for r in rows)
+
+
+class _GroupNormStem(torch.nn.Module):
+    """conv -> group-norm -> SiLU -> conv, channels-last, one group of channels a hundred times
+    narrower than the rest: a code group spans every group-norm group of a pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.GroupNorm(8, 64)
+        self.out = torch.nn.Conv2d(64, 8, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight[:8] *= 0.01
+            self.conv.bias[:8] *= 0.01
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.silu(self.norm(self.conv(x))))
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_group_norms_input_is_coded_in_its_groups_statistics(backend):
+    """Coded plain, the narrow group's normalized input was wrong by many times its size: the first
+    convolution's weight gradient had cosine 0.55 (eager) and 0.08 (Inductor) to the exact one."""
+    from conftest import grads_cosine
+
+    torch.manual_seed(0)
+    model = _GroupNormStem().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
+    exact = train_step(model, x, compressed("none", backend))
+    got = train_step(model, x, compressed("int4", backend))
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.name == "convolution"]
+    assert row.codec == "int4/normalized" and "group" in row.reason and "normalized input" in row.reason
+    assert grads_cosine(exact.grads, got.grads) > 0.99
 
 
 class _NormAndLinearOfOneTensor(torch.nn.Module):

@@ -337,7 +337,10 @@ class Normalized(Codec):
     position embedding is added, and recomputes the sum): ``encode(s, mean, rstd, p)`` codes
     ``(s + p - mean) * rstd`` and ``decode`` subtracts a copy of ``p`` again.
 
-    Bytes: ``inner``'s, plus 8 per statistic, plus ``p``'s.
+    ``repeat``: a group-norm's statistics, ``(N, G)``, each cover ``repeat = C / G`` channels; they
+    are stored repeated, as ``stat_shape`` ``(N, C, 1, ...)``.
+
+    Bytes: ``inner``'s, plus 8 per statistic (of ``stat_shape``), plus ``p``'s.
     """
 
     inner: GroupAffine | GroupFP8  # over xhat, in fp32, in x's layout
@@ -345,6 +348,7 @@ class Normalized(Codec):
     stat_shape: tuple[int, ...]
     shift_shape: tuple[int, ...] | None = None
     shift_dtype: torch.dtype = torch.float32
+    repeat: int = 1
 
     lossless = False
 
@@ -358,7 +362,7 @@ class Normalized(Codec):
 
     def encode(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                *shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mean, rstd = mean.float().reshape(self.stat_shape), rstd.float().reshape(self.stat_shape)
+        mean, rstd = self._stats(mean), self._stats(rstd)
         if isinstance(self.inner, GroupAffine) and self.inner.kernel:  # NB: the kernel normalizes as it loads
             index = self.kernel_index()
             p = shift[0].reshape(-1) if shift else None
@@ -384,6 +388,13 @@ class Normalized(Codec):
         x = self.inner.decode(*codes) / rstd + mean
         return (x - shift[0].float() if shift else x).to(self.dtype)
 
+    def _stats(self, t: torch.Tensor) -> torch.Tensor:
+        """A statistic in fp32 as ``stat_shape`` (a group-norm's repeated over its channels)."""
+        t = t.float()
+        if self.repeat > 1:
+            t = t.reshape(self.stat_shape[0], -1, 1).expand(-1, -1, self.repeat)
+        return t.reshape(self.stat_shape)
+
     def _shifted(self, x: torch.Tensor, shift: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if len(shift) != (self.shift_shape is not None):
             raise InternalError(f"{self.name}: {len(shift)} shift tensors for shift_shape={self.shift_shape}")
@@ -395,7 +406,7 @@ class Normalized(Codec):
 
     def max_error(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *shift: torch.Tensor) -> torch.Tensor:
         """Per-element bound on ``|x' - x|``: ``inner``'s bound on ``xhat``, over ``rstd``, plus fp32 rounding."""
-        mean, rstd = mean.float().reshape(self.stat_shape), rstd.float().reshape(self.stat_shape)
+        mean, rstd = self._stats(mean), self._stats(rstd)
         xs = self._shifted(x, shift)
         eps = torch.finfo(torch.float32).eps
         rounding = (xs.abs() + mean.abs() + sum(p.float().abs() * 2 for p in shift) + x.float().abs()) * (4 * eps)

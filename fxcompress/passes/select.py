@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -335,33 +336,67 @@ def _blpa_decisions(program: Program, bits: int) -> dict[int, Decision]:
     return out
 
 
-_LAYER_NORMS = {torch.ops.aten.native_layer_norm.default}
+_GROUP_NORM = torch.ops.aten.native_group_norm.default
+_NORMS = {torch.ops.aten.native_layer_norm.default, _GROUP_NORM}  # NB: their outputs 1 and 2 are mean and rstd
+_RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 
 
-def _normalization_of(x: fx.Node) -> tuple[str, fx.Node, fx.Node] | None:
-    """``(name, mean, rstd)`` of the training-mode batch-norm or the layer-norm whose input is ``x``
-    (the aten op, or Inductor's decomposition: ``var_mean`` and ``rsqrt(var + eps)``, through a cast
-    to fp32 under autocast); ``None`` if there is none."""
+class _Norm(NamedTuple):
+    """A norm that reads a saved tensor ``x``: its ``mean`` and ``rstd`` nodes, and ``repeat``, the
+    channels per statistic of a group-norm (whose ``(N, G)`` statistics cover ``C / G`` channels each)."""
+
+    name: str
+    mean: fx.Node
+    rstd: fx.Node
+    repeat: int = 1
+
+
+def _normalization_of(x: fx.Node) -> _Norm | None:
+    """The training-mode batch-norm, layer-norm or group-norm whose input is ``x`` (the aten op, or
+    Inductor's decomposition: ``var_mean`` and ``rsqrt(var + eps)``, a group-norm's over ``x`` viewed
+    as ``(N, G, C / G, ...)``, through a cast to fp32 under autocast); ``None`` if there is none."""
     bn = _batch_norm_of(x)
     if bn is not None:
-        return bn.name, bn.mean, bn.invstd
-    nd = len(x.meta["val"].shape)
+        return _Norm(bn.name, bn.mean, bn.invstd)
+    shape = tuple(x.meta["val"].shape)
+    nd = len(shape)
     for src in _fp32_sources(x):
         for user in src.users:
-            if user.target in _LAYER_NORMS and user.args[0] is src:
+            if user.target in _NORMS and user.args[0] is src:
                 results = {u.args[1]: u for u in user.users if u.target is operator.getitem}
                 if {1, 2} <= results.keys():
-                    return target_name(user), results[1], results[2]
+                    repeat = shape[1] // user.args[6] if user.target is _GROUP_NORM else 1  # (x, w, b, N, C, HxW, G, eps)
+                    return _Norm(target_name(user), results[1], results[2], repeat)
             if user.target is torch.ops.aten.var_mean.correction and user.args[0] is src:
                 reduced = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
                 k = len(reduced or ())  # NB: a layer-norm's statistics are over the trailing dims
                 statistics = _var_mean_statistics(user, list(range(nd - k, nd))) if k else None
                 if statistics is not None:
-                    return ("layer-norm (decomposed)", *statistics)
+                    return _Norm("layer-norm (decomposed)", *statistics)
+            if user.target in _RESHAPES and user.args[0] is src and nd >= 3:
+                grouped = tuple(user.meta["val"].shape)  # NB: (N, G, C / G, H * W), as torch decomposes it
+                if len(grouped) < 3 or grouped[0] != shape[0] or grouped[1] * grouped[2] != shape[1]:
+                    continue
+                for v in user.users:
+                    if v.target is torch.ops.aten.var_mean.correction and v.args[0] is user:
+                        statistics = _var_mean_statistics(v, list(range(2, len(grouped))))
+                        if statistics is not None:
+                            return _Norm("group-norm (decomposed)", *statistics, grouped[2])
     return None
 
 
-def _shift_into_norm(saved: SavedTensor) -> tuple[fx.Node, tuple[str, fx.Node, fx.Node]] | tuple[()]:
+def _broadcast_shape(stat: torch.Size, shape: tuple[int, ...], repeat: int = 1) -> tuple[int, ...]:
+    """How a per-row or per-channel statistic of shape ``stat`` broadcasts to ``shape``: as it is where
+    it has ``shape``'s rank (keepdim), else ``(1, C, 1, ...)`` (a batch-norm's ``(C,)``); a group-norm's
+    (``repeat`` channels per statistic) as ``(N, C, 1, ...)``, once repeated."""
+    if repeat > 1:
+        return (shape[0], shape[1]) + (1,) * (len(shape) - 2)
+    if len(stat) == len(shape):
+        return tuple(stat)
+    return (1, shape[1]) + (1,) * (len(shape) - 2)
+
+
+def _shift_into_norm(saved: SavedTensor) -> tuple[fx.Node, _Norm] | tuple[()]:
     """``(p, norm)`` where ``saved`` is an operand of a norm's input ``s + p``, ``p`` a graph input
     smaller than ``s`` that broadcasts to it (a position embedding; the norm's backward then reads
     ``s``'s error as it reads its input's); ``()`` if not."""
@@ -377,14 +412,6 @@ def _shift_into_norm(saved: SavedTensor) -> tuple[fx.Node, tuple[str, fx.Node, f
             if norm is not None:
                 return p, norm
     return ()
-
-
-def _broadcast_shape(stat: torch.Size, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """How a per-row or per-channel statistic of shape ``stat`` broadcasts to ``shape``: as it is where
-    it has ``shape``'s rank (keepdim), else ``(1, C, 1, ...)`` (a batch-norm's ``(C,)``)."""
-    if len(stat) == len(shape):
-        return tuple(stat)
-    return (1, shape[1]) + (1,) * (len(shape) - 2)
 
 
 def _relu_mask(mask: SavedTensor, relu: fx.Node) -> bool:
@@ -417,13 +444,14 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
     norm = None if predicates else _normalization_of(saved.fw_node)
     shift = () if predicates or norm is not None else _shift_into_norm(saved)
     if norm is not None or shift:
-        name, mean, rstd = norm or shift[1]
+        name, mean, rstd, repeat = norm or shift[1]
         fp32 = dataclasses.replace(layout, dtype=torch.float32)
         inner = (_group_affine(fp32, inner.bits, config) if isinstance(inner, GroupAffine)
                  else GroupFP8(fp32, inner.fmt, inner.group))
-        stat_shape = _broadcast_shape(mean.meta["val"].shape, saved.shape)
+        stat_shape = _broadcast_shape(mean.meta["val"].shape, saved.shape, repeat)
         p = shift[0].meta["val"] if shift else None
-        codec = Normalized(inner, saved.dtype, stat_shape, *((tuple(p.shape), p.dtype) if shift else ()))
+        codec = Normalized(inner, saved.dtype, stat_shape, *((tuple(p.shape), p.dtype) if shift else (None,)),
+                           repeat=repeat)
         if isinstance(inner, GroupAffine) and inner.kernel and codec.kernel_index() is None:
             codec = dataclasses.replace(codec, inner=dataclasses.replace(inner, kernel=False))
         why = f"values read by {ops}; coded as {name}'s normalized input" + (f", minus {shift[0].name}" if shift else "")
