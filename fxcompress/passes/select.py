@@ -343,12 +343,13 @@ _RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.
 
 class _Norm(NamedTuple):
     """A norm that reads a saved tensor ``x``: its ``mean`` and ``rstd`` nodes, and ``repeat``, the
-    channels per statistic of a group-norm (whose ``(N, G)`` statistics cover ``C / G`` channels each)."""
+    channels per statistic of a group-norm (whose ``(N, G)`` statistics cover ``C / G`` channels
+    each; ``None`` for other norms)."""
 
     name: str
     mean: fx.Node
     rstd: fx.Node
-    repeat: int = 1
+    repeat: int | None = None
 
 
 def _normalization_of(x: fx.Node) -> _Norm | None:
@@ -365,7 +366,7 @@ def _normalization_of(x: fx.Node) -> _Norm | None:
             if user.target in _NORMS and user.args[0] is src:
                 results = {u.args[1]: u for u in user.users if u.target is operator.getitem}
                 if {1, 2} <= results.keys():
-                    repeat = shape[1] // user.args[6] if user.target is _GROUP_NORM else 1  # (x, w, b, N, C, HxW, G, eps)
+                    repeat = shape[1] // user.args[6] if user.target is _GROUP_NORM else None  # (x, w, b, N, C, HxW, G, eps)
                     return _Norm(target_name(user), results[1], results[2], repeat)
             if user.target is torch.ops.aten.var_mean.correction and user.args[0] is src:
                 reduced = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
@@ -385,11 +386,11 @@ def _normalization_of(x: fx.Node) -> _Norm | None:
     return None
 
 
-def _broadcast_shape(stat: torch.Size, shape: tuple[int, ...], repeat: int = 1) -> tuple[int, ...]:
+def _broadcast_shape(stat: torch.Size, shape: tuple[int, ...], repeat: int | None = None) -> tuple[int, ...]:
     """How a per-row or per-channel statistic of shape ``stat`` broadcasts to ``shape``: as it is where
     it has ``shape``'s rank (keepdim), else ``(1, C, 1, ...)`` (a batch-norm's ``(C,)``); a group-norm's
     (``repeat`` channels per statistic) as ``(N, C, 1, ...)``, once repeated."""
-    if repeat > 1:
+    if repeat is not None:
         return (shape[0], shape[1]) + (1,) * (len(shape) - 2)
     if len(stat) == len(shape):
         return tuple(stat)
@@ -451,7 +452,7 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
         stat_shape = _broadcast_shape(mean.meta["val"].shape, saved.shape, repeat)
         p = shift[0].meta["val"] if shift else None
         codec = Normalized(inner, saved.dtype, stat_shape, *((tuple(p.shape), p.dtype) if shift else (None,)),
-                           repeat=repeat)
+                           repeat=repeat or 1)
         if isinstance(inner, GroupAffine) and inner.kernel and codec.kernel_index() is None:
             codec = dataclasses.replace(codec, inner=dataclasses.replace(inner, kernel=False))
         why = f"values read by {ops}; coded as {name}'s normalized input" + (f", minus {shift[0].name}" if shift else "")
