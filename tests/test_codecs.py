@@ -58,6 +58,26 @@ def test_layout_not_dense():
     assert not Layout.of(torch.randn(4, 6)[:, ::2]).is_dense()
 
 
+@pytest.mark.parametrize("make, overlaps", [
+    (lambda: torch.randn(3, 1).expand(3, 4), True),
+    (lambda: torch.randn(4, 6)[:, ::2], False),
+    (lambda: torch.randn(2, 8, 4, 4)[:, 4:], False),
+    (lambda: torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)[:, :4], False),
+    (lambda: torch.randn(6, 5).t()[1:], False),
+])
+def test_a_layout_with_gaps_flattens_to_its_dense_copy(make, overlaps):
+    x = make()
+    lay = Layout.of(x)
+    assert lay.overlaps() == overlaps
+    if overlaps:
+        return
+    dense = lay.dense()
+    assert dense.is_dense() and dense.order == lay.order and dense.shape == lay.shape
+    codec = BitMask(dense)  # select's codec for a bool view with gaps
+    y = codec.decode(*codec.encode(x > 0))
+    assert torch.equal(y, x > 0) and y.stride() == dense.stride
+
+
 def test_bitmask_round_trip_channels_last():
     x = (torch.randn(2, 3, 5, 5) > 0).to(memory_format=torch.channels_last)
     codec = BitMask(Layout.of(x))

@@ -11,7 +11,7 @@ from fxcompress.codecs import Layout
 from fxcompress.codecs.base import pack_bits, unpack_bits
 from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, Normalized, SplitAffine
 from fxcompress.codecs.uses import Predicate
-from conftest import ZOO_NAMES, compressed, make_model, train_step
+from conftest import ZOO_NAMES, compressed, grads_cosine, make_model, train_step
 
 SHAPES = [(1000,), (3, 5, 7), (8, 16, 9, 9), (2, 3, 257)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -350,6 +350,38 @@ def test_views_of_one_projection_are_stored_once_as_reported(codec):
     assert report.saved_bytes_before == none.saved_bytes_before
     assert _stored_bytes(plain.module, model, x) == none.saved_bytes_after == none.saved_bytes_before
     assert any(s.view_of is not None for cap in plain.module.capture_log.captures() for s in cap.rewritten.saved)
+
+
+class _ChannelHalf(torch.nn.Module):
+    """ShuffleNet's split: one channel half of a tensor is saved (a view with gaps), the other not."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1) if conv else None
+
+    def forward(self, x):
+        kept, passed = (x * 2).chunk(2, dim=1)
+        read = self.conv(kept) if self.conv is not None else torch.nn.functional.hardtanh(kept)
+        return torch.cat([read, passed * 3], dim=1)
+
+
+@pytest.mark.parametrize("backend, codec", [("eager", "lossless"), ("eager", "int8"), ("inductor", "int8")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_view_with_gaps_is_coded_from_a_dense_copy(backend, codec, channels_last):
+    torch.manual_seed(0)
+    model = _ChannelHalf(conv=codec != "lossless")
+    x = torch.randn(4, 16, 8, 8)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    ref = train_step(model, x.requires_grad_(), compressed("none", backend))
+    got = train_step(model, x, compressed(codec, backend, min_bytes=0))
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.op.startswith("split")]
+    assert "coded from a dense copy" in row.reason and row.bytes_after < row.bytes_before
+    if codec == "lossless":
+        assert row.codec.startswith("mask") and torch.equal(ref.output, got.output)
+        assert all(torch.equal(ref.grads[k], got.grads[k]) for k in ref.grads)
+    else:
+        assert row.codec == "int8"
+        assert grads_cosine(ref.grads, got.grads) > 0.9999
 
 
 class _Attention(torch.nn.Module):

@@ -51,6 +51,26 @@ class Layout:
             expected *= self.shape[d]
         return True
 
+    def overlaps(self) -> bool:
+        """True when two elements share a place in memory (an ``expand``'s zero stride)."""
+        end = 1
+        for d in reversed(self.order):
+            if self.shape[d] == 1:
+                continue
+            if self.stride[d] < end:
+                return True
+            end = self.stride[d] * (self.shape[d] - 1) + 1
+        return False
+
+    def dense(self) -> "Layout":
+        """The dense layout with this one's memory order: that of ``x.permute(order).contiguous()``
+        permuted back, which :meth:`flatten` and :meth:`unflatten` read and write."""
+        stride, step = [0] * len(self.shape), 1
+        for d in reversed(self.order):
+            stride[d] = step
+            step *= self.shape[d]
+        return dataclasses.replace(self, stride=tuple(stride))
+
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as a 1-D view in memory order (no copy for a dense ``x``)."""
         return x.permute(self.order).reshape(-1)

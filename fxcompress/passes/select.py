@@ -113,8 +113,19 @@ def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) 
     if saved.nbytes < config.min_bytes:
         return Decision(None, f"tiny: {saved.nbytes} B < min_bytes={config.min_bytes}")
     layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
-    if not layout.is_dense():
-        return Decision(None, f"not dense in memory (stride {saved.stride})")
+    if layout.is_dense():
+        return _decide_dense(saved, layout, readers, config)
+    if layout.overlaps():
+        return Decision(None, f"overlapping in memory (stride {saved.stride}): a copy would be larger")
+    # NB: a view with gaps (a channel half of shufflenet's split) keeps all of its base's storage
+    # alive; its codes cover the view alone, read off a dense copy, and it decodes dense
+    decision = _decide_dense(saved, layout.dense(), readers, config)
+    if decision.codec is None:
+        return decision
+    return dataclasses.replace(decision, reason=f"{decision.reason}; coded from a dense copy (stride {saved.stride})")
+
+
+def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], config: CompressConfig) -> Decision:
     if saved.dtype == torch.bool:
         if saved.added:
             return Decision(BitMask(layout), "a comparison the backward made of recomputed values, "
