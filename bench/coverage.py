@@ -1,0 +1,148 @@
+"""Coverage: the share of each architecture's saved activation bytes that a codec codes (no GPU needed).
+
+    python bench/coverage.py --backends eager inductor --codec int4 --out bench/results/coverage_cpu.json
+
+One training step per model and backend, captured on this machine's CPU in
+fp32 at a small size (torchvision's classifiers at batch 2 and 64x64 pixels,
+transformers' language models shrunk to 2 layers of width 128 at batch 2 and
+64 tokens): what is measured is which saved tensors each architecture's
+graphs hold and what fxcompress does to each, not memory at scale. For each
+model, the activations (all saved tensors but graph inputs and tensors made
+from parameters alone) before and after the codec, the share left uncoded,
+and the reasons of the largest uncoded groups, from ``fxcompress.explain``.
+Each run is a child process with empty compile caches. Models not importable
+here are skipped with a message: the committed CPU results used torchvision
+0.28.0's pure-Python models and transformers 5.25 (bench/saved.py says how
+they were installed beside the CPU torch wheel).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import fxcompress  # noqa: E402
+from common import open_results, put_result, run_child  # noqa: E402
+
+VISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121",
+          "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16", "swin_t")
+LANGUAGE = ("gpt2", "bert", "llama", "phi3")
+MiB = 1024**2
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor, str]:
+    """A model of ``name``, its input and a description of the size measured."""
+    torch.manual_seed(0)
+    if name in VISION:
+        import torchvision.models
+
+        model = getattr(torchvision.models, name)(**({"image_size": 64} if name == "vit_b_16" else {}))
+        return model, torch.randn(2, 3, 64, 64), "batch 2, 64x64"
+    if name in LANGUAGE:
+        return _Logits(_language_model(name)), torch.randint(0, 1000, (2, 64)), "2 layers, width 128, batch 2x64"
+    from fxcompress.models import ZOO  # the test zoo: CPU smoke runs of this script
+
+    model = ZOO[name]()
+    return model, model.example_input(2), "test zoo, batch 2"
+
+
+def _language_model(name: str) -> nn.Module:
+    import transformers as T
+
+    small = dict(vocab_size=1000, use_cache=False)
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=128, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **small))
+    if name == "bert":
+        cfg = T.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **small)
+        return T.BertForMaskedLM(cfg)
+    decoder = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, pad_token_id=0, **small)
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(**decoder))
+    return T.Phi3ForCausalLM(T.Phi3Config(**decoder))  # gate and up projections fused, then split
+
+
+def reason_class(reason: str) -> str:
+    """A report reason with its numbers and node names generalized, so that like reasons group."""
+    reason = re.sub(r"saved tensor \w+", "saved tensor X", reason)
+    return re.sub(r"\d+", "N", reason)
+
+
+def coverage(name: str, backend: str, codec: str) -> dict:
+    model, x, size = build(name)
+    model.train()
+    module = fxcompress.compile(model, fxcompress.CompressConfig(codec=codec), backend=backend)
+    module(x).float().pow(2).mean().backward()
+    rows = [r for r in fxcompress.explain(module).rows if r.counted and not r.from_parameters]
+    before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
+    uncoded: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for r in rows:
+        if r.codec == "none":
+            uncoded[reason_class(r.reason)] += r.bytes_before
+            count[reason_class(r.reason)] += 1
+    return {
+        "model": name, "backend": backend, "codec": codec, "size": size,
+        "saved_mib": [before / MiB, after / MiB],
+        "uncoded_share": sum(uncoded.values()) / before if before else 0.0,
+        "uncoded": [{"reason": k, "tensors": count[k], "share": b / before} for k, b in uncoded.most_common(3)],
+    }
+
+
+def _available(name: str) -> bool:
+    module = "torchvision" if name in VISION else "transformers" if name in LANGUAGE else "fxcompress"
+    try:
+        __import__(module)
+    except ImportError:
+        print(f"[coverage] {name}: {module} is not importable here; skipped", file=sys.stderr)
+        return False
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=[*VISION, *LANGUAGE])
+    p.add_argument("--backends", nargs="+", default=["eager", "inductor"], choices=["eager", "inductor"])
+    p.add_argument("--codec", default="int4")
+    p.add_argument("--out", help="results JSON to add rows to (key 'coverage')")
+    p.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(coverage(*args.child, args.codec)), flush=True)
+        return
+    results = open_results(args.out, "coverage", "cpu", " ".join(["python", *sys.argv]))
+    print(f"{'model':<20} {'backend':<9} {'saved MiB':>18} {'x':>6} {'uncoded':>8}  largest uncoded")
+    for model in filter(_available, args.models):
+        for backend in args.backends:
+            print(f"[coverage] {model} / {backend} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--codec", args.codec, "--child", model, backend]
+            row = run_child(cmd, f"[coverage] {model} / {backend}", timeout=1800)
+            if row is None:
+                continue
+            (b, a), top = row["saved_mib"], row["uncoded"]
+            first = f"{top[0]['share']:.1%} {top[0]['reason']}" if top else ""
+            print(f"{model:<20} {backend:<9} {b:8.2f} -> {a:7.2f} {b / a if a else 0:6.2f} "
+                  f"{row['uncoded_share']:8.1%}  {first}", flush=True)
+            put_result(args.out, results, "coverage", row, ("model", "backend", "codec"))
+
+
+if __name__ == "__main__":
+    main()
