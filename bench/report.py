@@ -39,6 +39,7 @@ def render(results_dir: pathlib.Path = RESULTS) -> str:
         parts = ["_No current GPU speed/memory results: `bench/bench_step.py` writes them._"]
     parts += [_peak(p, d) for p, d in files if "peak" in d]
     parts += [_saved(p, d) for p, d in files if "saved" in d]
+    parts += [_coverage(p, d) for p, d in files if "coverage" in d]
     parts += [_traffic(p, d) for p, d in files if "traffic" in d]
     parts += [_compile_time(p, d) for p, d in files if "compile_time" in d]
     parts += [_curves(p, d) for p, d in files if "curves" in d]
@@ -167,6 +168,27 @@ def _saved(path: pathlib.Path, data: dict) -> str:
             f"| {r['model']} | {r['batch']} | {'on' if r['dropout'] else 'off'} | {r['codec']} | "
             f"{a0:.3f} → {a1:.3f} | {w0:.3f} → {w1:.3f} | {w0 / w1:.2f} | {b0:.3f} → {b1:.3f} | "
             f"{b0 / b1 if b1 else 0:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _coverage(path: pathlib.Path, data: dict) -> str:
+    """``bench/coverage.py``: the share of each architecture's saved activations left uncoded, and why."""
+    lines = [
+        f"Coverage across architectures (`{path.name}`, {_where(data['environment'])}; {_commands(data)}; "
+        "fp32, small sizes: what each architecture's graphs save and what fxcompress does to each, "
+        "not memory at scale). Activations = saved tensors but graph inputs and tensors made from "
+        "parameters alone; uncoded = their share stored as they are, with the largest reasons:",
+        "",
+        "| model | size | backend | codec | activations MiB | × | uncoded | largest uncoded |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["coverage"]:
+        before, after = r["saved_mib"]
+        why = "; ".join(f"{u['share']:.1%} {u['reason']} ({u['tensors']})" for u in r["uncoded"])
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['backend']} | {r['codec']} | {before:.2f} → {after:.2f} | "
+            f"{before / after if after else 0:.2f} | {r['uncoded_share']:.1%} | {why.replace('|', '/')} |"
         )
     return "\n".join(lines)
 

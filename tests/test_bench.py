@@ -82,6 +82,28 @@ def test_saved_rows_show_each_total_and_its_ratio():
     assert rows[-1] == "| gpt2 | 2 | off | int4 | 2.000 → 1.000 | 1.500 → 0.500 | 3.00 | 1.200 → 0.300 | 4.00 |"
 
 
+def test_coverage_rows_show_the_uncoded_share_and_its_reasons():
+    data = {"environment": {"device": "cpu", "cpu": "test CPU", "torch": "2.x"}, "commands": ["c"], "coverage": [
+        {"model": "resnet18", "size": "batch 2", "backend": "eager", "codec": "int4", "saved_mib": [4.0, 0.5],
+         "uncoded_share": 0.025, "uncoded": [{"reason": "tiny: N B < min_bytes=N", "tensors": 3, "share": 0.02},
+                                             {"reason": "a | b", "tensors": 1, "share": 0.005}]},
+    ]}
+    rows = report._coverage(pathlib.Path("c.json"), data).splitlines()
+    assert rows[-1] == ("| resnet18 | batch 2 | eager | int4 | 4.00 → 0.50 | 8.00 | 2.5% | "
+                        "2.0% tiny: N B < min_bytes=N (3); 0.5% a / b (1) |")
+
+
+def test_architectures_runs_a_zoo_model_and_groups_like_reasons():
+    import architectures
+
+    assert architectures.reason_class("view of saved tensor mm_2: stored once") == "view of saved tensor X: stored once"
+    assert architectures.reason_class("tiny: 512 B < min_bytes=1024") == "tiny: N B < min_bytes=N"
+    row = architectures.coverage("convnet", "eager", "int4")
+    before, after = row["saved_mib"]
+    assert 0 < after < before / 4 and 0 <= row["uncoded_share"] < 0.05
+    assert sum(u["share"] for u in row["uncoded"]) <= row["uncoded_share"] + 1e-12
+
+
 def test_traffic_rows_sum_passes_and_count_fused_codec_kernels():
     def graph(variant, pass_, by_role):
         return {"model": "resnet", "variant": variant, "batch": 32, "graph": 0 if pass_ == "forward" else 1,

@@ -1,6 +1,6 @@
 """Coverage: the share of each architecture's saved activation bytes that a codec codes (no GPU needed).
 
-    python bench/coverage.py --backends eager inductor --codec int4 --out bench/results/coverage_cpu.json
+    python bench/architectures.py --backends eager inductor --codec int4 --out bench/results/architectures_cpu.json
 
 One training step per model and backend, captured on this machine's CPU in
 fp32 at a small size (torchvision's classifiers at batch 2 and 64x64 pixels,
@@ -112,7 +112,7 @@ def _available(name: str) -> bool:
     try:
         __import__(module)
     except ImportError:
-        print(f"[coverage] {name}: {module} is not importable here; skipped", file=sys.stderr)
+        print(f"[architectures] {name}: {module} is not importable here; skipped", file=sys.stderr)
         return False
     return True
 
@@ -132,9 +132,9 @@ def main() -> None:
     print(f"{'model':<20} {'backend':<9} {'saved MiB':>18} {'x':>6} {'uncoded':>8}  largest uncoded")
     for model in filter(_available, args.models):
         for backend in args.backends:
-            print(f"[coverage] {model} / {backend} ...", file=sys.stderr, flush=True)
+            print(f"[architectures] {model} / {backend} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), "--codec", args.codec, "--child", model, backend]
-            row = run_child(cmd, f"[coverage] {model} / {backend}", timeout=1800)
+            row = run_child(cmd, f"[architectures] {model} / {backend}", timeout=1800)
             if row is None:
                 continue
             (b, a), top = row["saved_mib"], row["uncoded"]
