@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask
+from fxcompress.codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask
 from fxcompress.codecs.base import predicate_values
 from fxcompress.codecs.lossless import narrowest_int
 from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
@@ -177,3 +177,17 @@ def test_narrow_int_round_trips(shape, bound):
     idx = torch.randint(0, bound, tuple(shape), generator=torch.Generator().manual_seed(bound))
     codec = NarrowInt(Layout.of(idx), narrowest_int(bound, torch.int64))
     assert torch.equal(codec.decode(*codec.encode(idx)), idx)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 30), min_size=1, max_size=4), bits=st.sampled_from([1, 2, 4]),
+       dtype=st.sampled_from([torch.int8, torch.uint8, torch.int64]), channels_last=st.booleans())
+def test_packed_int_round_trips_in_its_bytes(shape, bits, dtype, channels_last):
+    idx = torch.randint(0, 1 << bits, tuple(shape), generator=torch.Generator().manual_seed(bits)).to(dtype)
+    if channels_last and idx.dim() == 4:
+        idx = idx.to(memory_format=torch.channels_last)
+    codec = PackedInt(Layout.of(idx), bits)
+    (packed,) = codec.encode(idx)
+    y = codec.decode(packed)
+    assert packed.numel() == -(-idx.numel() * bits // 8)
+    assert torch.equal(y, idx) and y.dtype == dtype and y.stride() == idx.stride()

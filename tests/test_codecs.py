@@ -4,7 +4,7 @@ import torch
 
 from fxcompress.codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
 from fxcompress.codecs.base import pack_bits, pack_codes, pack_slices, unpack_bits, unpack_codes, unpack_slices
-from fxcompress.codecs.lossless import narrowest_int
+from fxcompress.codecs.lossless import narrowest_int, packed_bits
 from fxcompress.codecs.uses import Predicate
 
 
@@ -148,3 +148,8 @@ def test_shape_only_and_narrow():
 ])
 def test_narrowest_int(bound, expected):
     assert narrowest_int(bound, torch.int64) == expected
+
+
+@pytest.mark.parametrize("bound, expected", [(1, 1), (2, 1), (3, 2), (4, 2), (5, 4), (9, 4), (16, 4), (17, None)])
+def test_packed_bits(bound, expected):
+    assert packed_bits(bound) == expected

@@ -1,4 +1,6 @@
-"""Lossless codecs on the eager backend: bit-identical gradients, fewer saved bytes, true byte counts."""
+"""Lossless codecs: bit-identical gradients, fewer saved bytes, true byte counts (eager backend unless a test names another)."""
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,32 @@ def test_several_steps_train_identically():
             opt.step()
         results[codec] = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(results["none"], results["lossless"]))
+
+
+class _Pool(torch.nn.Module):
+    def __init__(self, window: int):
+        super().__init__()
+        self.conv, self.window = torch.nn.Conv2d(3, 8, 3, padding=1), window
+
+    def forward(self, x):
+        return torch.nn.functional.max_pool2d(self.conv(x) * 1.5, self.window, 2, self.window // 2)
+
+
+@pytest.mark.parametrize("backend, window, size, saved, codec", [
+    ("inductor", 3, 16, "_low_memory_max_pool_with_offsets[1]", "packed[4b]"),  # offsets < 9 in a window
+    ("inductor", 2, 16, "_low_memory_max_pool_with_offsets[1]", "packed[2b]"),
+    ("eager", 2, 4, "max_pool2d_with_indices[1]", "packed[4b]"),  # indices < 16 in a 4x4 plane
+    ("eager", 3, 16, "max_pool2d_with_indices[1]", "narrow[uint8]"),
+])
+def test_pool_indices_and_window_offsets_pack_below_a_byte(backend, window, size, saved, codec):
+    torch.manual_seed(0)
+    model, x = _Pool(window), torch.randn(4, 3, size, size)
+    ref = train_step(model, x, compressed("none", backend))
+    got = train_step(model, x, compressed("lossless", backend, min_bytes=0))
+    assert torch.equal(ref.output, got.output)
+    assert_grads_equal(ref.grads, got.grads)
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.op == saved]
+    assert row.codec == codec and row.bytes_after < row.bytes_before
+    if codec.startswith("packed"):
+        numel, bits = math.prod(row.shape), int(codec[len("packed["):-len("b]")])
+        assert row.bytes_after == -(-numel * bits // 8)

@@ -1,5 +1,5 @@
 """Saved-tensor codecs: one module per family."""
 from .base import Codec, Layout
-from .lossless import BitMask, NarrowInt, PredicateMask, ShapeOnly
+from .lossless import BitMask, NarrowInt, PackedInt, PredicateMask, ShapeOnly
 
-__all__ = ["Codec", "Layout", "BitMask", "PredicateMask", "ShapeOnly", "NarrowInt"]
+__all__ = ["Codec", "Layout", "BitMask", "PredicateMask", "ShapeOnly", "NarrowInt", "PackedInt"]

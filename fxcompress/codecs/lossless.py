@@ -10,6 +10,8 @@
   ``self`` of ``max_pool2d_with_indices_backward``): nothing is stored.
 - :class:`NarrowInt`: int64 values known to lie in ``[0, bound)`` (max-pool
   indices, embedding ids) stored in the narrowest integer type that holds them.
+- :class:`PackedInt`: integers below 16 (Inductor's max-pool window offsets,
+  below 9 for a 3x3 window) packed 2, 4 or 8 per byte.
 """
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ import dataclasses
 
 import torch
 
-from .base import Codec, Layout, pack_bits, unpack_bits
+from .base import Codec, Layout, pack_bits, pack_codes, unpack_bits, unpack_codes
 from .uses import Predicate
 
-__all__ = ["BitMask", "PredicateMask", "ShapeOnly", "NarrowInt", "narrowest_int"]
+__all__ = ["BitMask", "PredicateMask", "ShapeOnly", "NarrowInt", "PackedInt", "narrowest_int", "packed_bits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,30 @@ class NarrowInt(Codec):
 
     def decode(self, narrow: torch.Tensor) -> torch.Tensor:
         return narrow.to(self.layout.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedInt(Codec):
+    """Integers known to lie in ``[0, 2**bits)`` packed ``8 // bits`` per byte (``bits`` 1, 2 or 4)."""
+
+    layout: Layout
+    bits: int
+
+    @property
+    def name(self) -> str:
+        return f"packed[{self.bits}b]"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (pack_codes(self.layout.flatten(x).to(torch.uint8), self.bits),)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        codes = unpack_codes(packed, self.bits, self.layout.numel)
+        return self.layout.unflatten(codes.to(self.layout.dtype))
+
+
+def packed_bits(bound: int) -> int | None:
+    """The fewest bits (1, 2 or 4) that hold ``[0, bound)``, or ``None`` above 16."""
+    return next((bits for bits in (1, 2, 4) if bound <= 1 << bits), None)
 
 
 def narrowest_int(bound: int, dtype: torch.dtype) -> torch.dtype | None:

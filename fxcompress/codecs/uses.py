@@ -280,6 +280,13 @@ def _pool_indices(spatial_dims: int) -> Callable[[fx.Node], Use | None]:
     return use
 
 
+def _pool_offsets(node: fx.Node) -> Use | None:
+    # Inductor's low-memory max pool saves each output's offset within its window:
+    # _low_memory_max_pool_offsets_to_indices(offsets, kernel_size, input_size, stride, padding, dilation)
+    window = node.args[1]
+    return IndexUse(math.prod(window)) if all(isinstance(k, int) for k in window) else None
+
+
 def _embedding_indices(node: fx.Node) -> Use | None:
     # embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq)
     n = node.args[2]
@@ -309,6 +316,7 @@ _ARG_USES: dict[tuple[object, int], Callable[[fx.Node], Use | None]] = {
     (aten.max_pool3d_with_indices_backward.default, 1): _shape,
     (aten.max_pool3d_with_indices_backward.default, 7): _pool_indices(3),
     (aten.embedding_dense_backward.default, 1): _embedding_indices,
+    (torch.ops.prims._low_memory_max_pool_offsets_to_indices.default, 0): _pool_offsets,
 }
 for _op in _SHAPE_ONLY_OPS:
     _ARG_USES[(_op, 0)] = _shape

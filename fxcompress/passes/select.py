@@ -52,8 +52,8 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
-from ..codecs import BitMask, Layout, NarrowInt, PredicateMask, ShapeOnly
-from ..codecs.lossless import narrowest_int
+from ..codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask, ShapeOnly
+from ..codecs.lossless import narrowest_int, packed_bits
 from ..codecs.blpa import BLPA, BLPAMask, BLPARelu
 from ..codecs.kernels import require_triton
 from ..codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, Normalized, SplitAffine
@@ -164,10 +164,13 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
         if reps is None:
             return Decision(None, f"no {saved.dtype} values separate {predicate}")
         return Decision(PredicateMask(layout, predicate, *reps), f"read only as {predicate}")
-    narrow = narrowest_int(min(bounds), saved.dtype) if not saved.dtype.is_floating_point else None
+    bound = min(bounds)
+    if not saved.dtype.is_floating_point and (bits := packed_bits(bound)) is not None:
+        return Decision(PackedInt(layout, bits), f"indices < {bound}: {8 // bits} per byte")
+    narrow = narrowest_int(bound, saved.dtype) if not saved.dtype.is_floating_point else None
     if narrow is None:
-        return Decision(None, f"indices < {min(bounds)} need all of {saved.dtype}")
-    return Decision(NarrowInt(layout, narrow), f"indices < {min(bounds)}")
+        return Decision(None, f"indices < {bound} need all of {saved.dtype}")
+    return Decision(NarrowInt(layout, narrow), f"indices < {bound}")
 
 
 # Where a normalization is decomposed before fxcompress sees it (Inductor's
