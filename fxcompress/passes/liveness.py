@@ -90,17 +90,19 @@ def analyze_liveness(program: Program, *, inductor: bool = False) -> Liveness:
     last_use = {**_last_uses(program.fw.graph), **_last_uses(program.bw.graph)}
     # name-level end of each node's value, within its own graph
     name_end = {n: step[last_use[n]] if n in last_use else step[n] for n in order}
-    for saved in program.saved:  # a saved value lives on in the backward
-        name_end[saved.fw_node] = max(name_end[saved.fw_node], name_end[saved.bw_placeholder])
     for node in _output_values(program.bw.graph):  # gradients outlive the step's last op
         name_end[node] = end_of_step
     for node in _output_values(program.fw.graph):  # user outputs: held until the backward ran
         name_end[node] = max(name_end[node], len(fw_nodes))
 
-    # storage level: a base lives as long as any alias of it
+    # storage level: a base lives as long as any alias of it; a saved value's backward placeholder,
+    # and every view the backward makes of it (GPT-2's loss reads its log-softmax through a
+    # detach), are aliases of the forward storage it was saved from
+    producer = {s.bw_placeholder: view_root(s.fw_node) for s in program.saved}
     storage_end: dict[fx.Node, int] = {}
     for node in order:
         base = view_root(node)
+        base = producer.get(base, base)
         storage_end[base] = max(storage_end.get(base, step[base]), name_end[node])
 
     saved_bases = {view_root(s.fw_node) for s in program.saved}
@@ -111,8 +113,6 @@ def analyze_liveness(program: Program, *, inductor: bool = False) -> Liveness:
             continue  # computed inside its readers' kernels
         if base.op == "placeholder" and base.graph is program.fw.graph:
             continue  # owned by the caller
-        if base.op == "placeholder" and base in {s.bw_placeholder for s in program.saved}:
-            continue  # counted through its forward producer
         ranges.append(LiveRange(base, step[base], end, _bytes(base), base in saved_bases))
     live = [0] * len(order)
     for r in ranges:

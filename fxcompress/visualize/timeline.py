@@ -35,7 +35,7 @@ __all__ = ["timeline", "timeline_dot", "output_format"]
 
 _COLORS = {  # codec family -> fill colour
     "none": "#9e9e9e", "alias": "#d0d0d0", "shape-only": "#e8e8e8", "bitmask": "#66bb6a",
-    "mask": "#2e7d32", "narrow": "#26a69a", "int8": "#42a5f5", "int4": "#5c6bc0", "int2": "#ab47bc",
+    "mask": "#2e7d32", "narrow": "#26a69a", "packed": "#00796b", "int8": "#42a5f5", "int4": "#5c6bc0", "int2": "#ab47bc",
     "fp8": "#ffa726", "blpa8": "#8d6e63", "blpa4": "#6d4c41", "buffer": "#ffcc80",
 }
 
