@@ -83,7 +83,7 @@ def _language_model(name: str) -> nn.Module:
 def reason_class(reason: str) -> str:
     """A report reason with its numbers and node names generalized, so that like reasons group."""
     reason = re.sub(r"saved tensor \w+", "saved tensor X", reason)
-    return re.sub(r"\d+", "N", reason)
+    return re.sub(r"\b\d+\b", "N", reason)  # NB: whole numbers: "torch.int8" stays
 
 
 def coverage(name: str, backend: str, codec: str) -> dict:

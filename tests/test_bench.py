@@ -98,6 +98,7 @@ def test_architectures_runs_a_zoo_model_and_groups_like_reasons():
 
     assert architectures.reason_class("view of saved tensor mm_2: stored once") == "view of saved tensor X: stored once"
     assert architectures.reason_class("tiny: 512 B < min_bytes=1024") == "tiny: N B < min_bytes=N"
+    assert architectures.reason_class("values read by le.Tensor; torch.int8 is not quantized").endswith("torch.int8 is not quantized")
     row = architectures.coverage("convnet", "eager", "int4")
     before, after = row["saved_mib"]
     assert 0 < after < before / 4 and 0 <= row["uncoded_share"] < 0.05
