@@ -95,10 +95,10 @@ def coverage(name: str, backend: str, codec: str) -> dict:
     before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
     uncoded: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
-    for r in rows:
-        if r.codec == "none":
-            uncoded[reason_class(r.reason)] += r.bytes_before
-            count[reason_class(r.reason)] += 1
+    for r in (r for r in rows if r.codec == "none"):
+        reason = reason_class(r.reason)
+        uncoded[reason] += r.bytes_before
+        count[reason] += 1
     return {
         "model": name, "backend": backend, "codec": codec, "size": size,
         "saved_mib": [before / MiB, after / MiB],

@@ -173,7 +173,7 @@ def _saved(path: pathlib.Path, data: dict) -> str:
 
 
 def _coverage(path: pathlib.Path, data: dict) -> str:
-    """``bench/coverage.py``: the share of each architecture's saved activations left uncoded, and why."""
+    """``bench/architectures.py``: the share of each architecture's saved activations left uncoded, and why."""
     lines = [
         f"Coverage across architectures (`{path.name}`, {_where(data['environment'])}; {_commands(data)}; "
         "fp32, small sizes: what each architecture's graphs save and what fxcompress does to each, "

@@ -44,12 +44,7 @@ class Layout:
 
     def is_dense(self) -> bool:
         """True when the tensor covers its storage exactly once (no gaps, no overlap)."""
-        expected = 1
-        for d in reversed(self.order):
-            if self.shape[d] != 1 and self.stride[d] != expected:
-                return False
-            expected *= self.shape[d]
-        return True
+        return all(s == d for s, d, n in zip(self.stride, self.dense().stride, self.shape) if n != 1)
 
     def overlaps(self) -> bool:
         """True when two elements share a place in memory (an ``expand``'s zero stride)."""

@@ -105,7 +105,7 @@ def analyze_liveness(program: Program, *, inductor: bool = False) -> Liveness:
         base = producer.get(base, base)
         storage_end[base] = max(storage_end.get(base, step[base]), name_end[node])
 
-    saved_bases = {view_root(s.fw_node) for s in program.saved}
+    saved_bases = set(producer.values())
     inlined = inlined_nodes(program) if inductor and writes_triton(program) else frozenset()
     ranges = []
     for base, end in storage_end.items():

@@ -165,9 +165,12 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
             return Decision(None, f"no {saved.dtype} values separate {predicate}")
         return Decision(PredicateMask(layout, predicate, *reps), f"read only as {predicate}")
     bound = min(bounds)
-    if not saved.dtype.is_floating_point and (bits := packed_bits(bound)) is not None:
+    if saved.dtype.is_floating_point:
+        return Decision(None, f"indices < {bound} need all of {saved.dtype}")
+    bits = packed_bits(bound)
+    if bits is not None:
         return Decision(PackedInt(layout, bits), f"indices < {bound}: {8 // bits} per byte")
-    narrow = narrowest_int(bound, saved.dtype) if not saved.dtype.is_floating_point else None
+    narrow = narrowest_int(bound, saved.dtype)
     if narrow is None:
         return Decision(None, f"indices < {bound} need all of {saved.dtype}")
     return Decision(NarrowInt(layout, narrow), f"indices < {bound}")
