@@ -163,7 +163,14 @@ _REALIZE_CASES = {
     "2 buffers and 40 ops, read once": (2, lambda a, b: _chain(a * b, 40), 1),
     "60 ops on one buffer, read once": (1, lambda a: _chain(a, 60), 1),
     "120 ops on one buffer, read once": (1, lambda a: _chain(a, 120), 1),
+    # an iota and a constant are computed from the loop index, no load (a decoder's nibble shifts)
+    "4 buffers, an iota and a constant, read twice": (4, lambda a, b, c, d: a * b + c * d + _index_and_constant(), 2),
 }
+
+
+def _index_and_constant():
+    iota = torch.ops.prims.iota(128, start=0, step=1, dtype=torch.int64, device="cpu", requires_grad=False)
+    return iota * torch.full((128,), 0.5)
 
 
 @pytest.mark.parametrize("case", _REALIZE_CASES)

@@ -507,6 +507,64 @@ def test_normalized_codes_bound_the_error_of_every_row_in_its_own_spread(inner):
         assert plain_hat[:, 0].max() > 50 * limit  # what the narrow row got before
 
 
+def test_a_normalized_codes_centered_decode_is_its_decode_less_the_mean():
+    """``decode_centered`` gives ``x' - mean`` from the codes and ``rstd`` alone, as ``xhat' / rstd``."""
+    x, mean, rstd = _rows_of_unequal_spread()
+    for dtype in (torch.float32, torch.bfloat16):
+        codec = Normalized(GroupAffine(Layout.of(x), 4, 256, False), dtype, tuple(mean.shape))
+        parts = codec.encode(x.to(dtype), mean, rstd)
+        centered = codec.decode_centered(*parts)
+        assert centered.dtype == torch.float32 and centered.stride() == x.stride()
+        # NB: decode rounds xhat' / rstd + mean to x's dtype; the centered value skips that rounding
+        rounding = (mean.abs() + centered.abs()) * torch.finfo(dtype).eps
+        assert ((codec.decode(*parts).float() - mean - centered).abs() <= rounding).all()
+
+
+def test_a_norm_backward_reads_its_centered_input_from_the_codes(monkeypatch):
+    """Inductor's decomposed batch-norm backward subtracts the mean from its input first, and reads
+    that ``x - mean`` in its reduction and in the gradient's kernel. Decoded as ``x' = xhat' / rstd +
+    mean`` and less the mean again, it read 5 buffers and was written out: a full fp32 tensor per
+    norm (ResNet-50, Triton proxy, batch 32: the int4 step's peak 0.446 -> 0.585 GiB). The rewrite
+    gives it as ``xhat' / rstd`` (4 buffers), which the plan, like Inductor, computes inside each
+    reader. The codes are the same (deterministic rounding), so the gradients are those of the
+    decode followed by the subtraction, but for rounding: the decoders compute in fp32, and ``x'``
+    rounded to fp32 before the mean is taken off again (float64 model: 1e-8 of a gradient, where a
+    code step moves it by 1e-2). Neither compile may be served from a cache: the partitioner's
+    uuid does not see the monkeypatch."""
+    from fxcompress.passes import rewrite
+    from fxcompress.passes.liveness import inlined_nodes
+
+    model, x = make_model("convnet")
+    model, x = model.double(), x.double()
+    int4 = compressed("int4", "inductor", stochastic_rounding=False)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        got = train_step(model, x, int4)
+        monkeypatch.setattr(rewrite, "_centered_readers", lambda *args: [])
+        torch._dynamo.reset()
+        decoded_x = train_step(model, x, int4)
+    torch._dynamo.reset()
+    assert torch.equal(got.output, decoded_x.output)
+    scale = max(float(g.abs().max()) for g in got.grads.values())  # NB: a bias before a norm has none
+    for name, g in got.grads.items():
+        assert float((g - decoded_x.grads[name]).abs().max()) <= 1e-6 * scale, name
+    program = got.module.capture_log.captures()[0].rewritten
+    normalized = {r.name for r in fxcompress.explain(got.module).rows if r.codec == "int4/det/normalized"}
+    assert len(normalized) == 3  # the three batch-norms' inputs
+    decoded = [n for n in program.bw.graph.nodes
+               if n.meta.get("fxcompress", {}).get("role") == "decode" and n.meta["fxcompress"]["of"] in normalized]
+    centered = [n for n in decoded if n.target is torch.ops.aten.div.Tensor]
+    assert len(centered) == 3 and set(centered) <= inlined_nodes(program)
+    for sub in program.bw.graph.find_nodes(op="call_function", target=torch.ops.aten.sub.Tensor):
+        if sub in decoded:  # NB: the codec's own arithmetic
+            continue
+        operand = sub.args[0]
+        while operand.target is torch.ops.prims.convert_element_type.default:
+            operand = operand.args[0]
+        assert operand not in decoded, f"{sub.name} subtracts from a decoded norm input"
+
+
 class _ClassTokenEncoder(torch.nn.Module):
     """A vision-transformer stem: a zero-initialized class token before the patch tokens, a
     learned position embedding, then pre-norm MLP blocks, pooled at the class token."""

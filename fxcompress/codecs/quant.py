@@ -388,6 +388,22 @@ class Normalized(Codec):
         x = self.inner.decode(*codes) / rstd + mean
         return (x - shift[0].float() if shift else x).to(self.dtype)
 
+    def decode_centered(self, *parts: torch.Tensor) -> torch.Tensor:
+        """``x' - mean`` in :attr:`centered_dtype`, as ``xhat' / rstd``: what a decomposed norm backward reads of ``x``
+        (its first op subtracts the mean). Fewer reads than :meth:`decode` and a subtraction: Inductor
+        recomputes it inside the backward's kernels, where it wrote out the decoded ``x - mean``, a
+        full fp32 tensor per norm (ResNet-50's layer-2 backward held two). None with a shift: the
+        backward centers ``s + p``, not the saved ``s``."""
+        if self.shift_shape is not None:
+            raise InternalError(f"{self.name}: a shifted operand has no centered decode")
+        *codes, _, rstd = parts
+        return (self.inner.decode(*codes) / rstd).to(self.centered_dtype)
+
+    @property
+    def centered_dtype(self) -> torch.dtype:
+        """The dtype a norm subtracts its mean in: fp32, or ``x``'s where that is wider."""
+        return torch.promote_types(self.dtype, torch.float32)
+
     def _stats(self, t: torch.Tensor) -> torch.Tensor:
         """A statistic in fp32 as ``stat_shape`` (a group-norm's repeated over its channels)."""
         t = t.float()

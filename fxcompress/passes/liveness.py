@@ -173,12 +173,19 @@ def _realized(readers: int, reads: int, ops: int) -> bool:
     return (reads > 1 and (reads > _REALIZE_ACC_READS or ops > _REALIZE_OPS)) or ops > _REALIZE_ANY_OPS
 
 
+# values Inductor computes from the loop index wherever they are read (a constant, an iota): no load
+_COMPUTED_FROM_INDEX = frozenset({torch.ops.prims.iota.default, torch.ops.aten.full.default,
+                                  torch.ops.aten.scalar_tensor.default})
+
+
 def _loop_body(node: fx.Node, inlined: set[fx.Node], body: dict) -> tuple[frozenset[fx.Node], frozenset[fx.Node]]:
     """The buffers ``node``'s loop reads and the nodes it computes, when the values in ``inlined``
     are computed inside it (its op count: a load per buffer, an op per node)."""
     reads, nodes = set(), {node}
     for value in map(view_root, node.all_input_nodes):
-        if value in inlined:
+        if value.target in _COMPUTED_FROM_INDEX:
+            nodes.add(value)
+        elif value in inlined:
             more, inner = body[value]
             reads |= more
             nodes |= inner

@@ -86,6 +86,7 @@ def rewrite_saved_tensors(
         bw.graph.erase_node(ph)
         saved_outputs[saved.index] = []
 
+    statistic_of = {bw_env[s.bw_placeholder]: s.fw_node for s in program.saved}
     parts_phs: dict[int, list[fx.Node]] = {}
     for saved, decision in zip(program.saved, plan.decisions):
         codec = decision.codec
@@ -114,7 +115,9 @@ def rewrite_saved_tensors(
                 new.meta = {"val": part.meta["val"], META_KEY: dict(part.meta[META_KEY])}
                 new_phs.append(new)
         parts_phs[saved.index] = new_phs
-        _decode_into(bw.graph, ph, codec, new_phs, saved.name, decompositions, inductor=pin_layouts)
+        centered = _centered_readers(ph, codec, decision.extra_inputs[:1], statistic_of)
+        _decode_into(bw.graph, ph, codec, new_phs, saved.name, decompositions, inductor=pin_layouts,
+                     centered=centered)
 
     for saved, decision in zip(program.saved, plan.decisions):
         if decision.derived is None:
@@ -173,8 +176,11 @@ def _pin(graph: fx.Graph, node: fx.Node, stride: tuple[int, ...], tag: dict) -> 
     return pinned
 
 
-def _decode_into(graph, ph, codec, parts, of, decompositions, inductor=False) -> None:
+def _decode_into(graph, ph, codec, parts, of, decompositions, inductor=False, centered=()) -> None:
     """Replace placeholder ``ph`` by ``codec.decode(*parts)``, placed right before its first use.
+
+    ``centered``: subtractions ``x - mean`` of the norm whose input ``ph`` is (:func:`_centered_readers`),
+    replaced by ``codec.decode_centered(*parts)``; the rest of ``x``'s readers, if any, get ``decode``.
 
     ``inductor``: readers of the codec's ``predicate`` alone (a ReLU output's ``x <= 0``, from its
     backward) get ``codec.decode_predicate(*parts)`` instead (:class:`~fxcompress.codecs.base.Codec`),
@@ -187,6 +193,20 @@ def _decode_into(graph, ph, codec, parts, of, decompositions, inductor=False) ->
     """
     by_predicate = _predicate_readers(ph, codec) if inductor else []
     tag = {"role": "decode", "codec": codec.name, "of": of}
+    if centered:
+        with graph.inserting_before(_first_user(graph, ph, centered)):
+            (value,) = splice(graph, codec.decode_centered, parts, tag=tag, decompositions=decompositions,
+                              fake_mode=_fake_mode(ph))
+        for sub in centered:
+            a, b = sub.meta["val"], value.meta["val"]
+            if a.shape != b.shape or a.dtype != b.dtype:  # NB: strides: Inductor lays out its intermediates
+                raise InternalError(f"centered {of} is {tuple(b.shape)}/{b.dtype}, {sub.name} {tuple(a.shape)}/{a.dtype}")
+            sub.replace_all_uses_with(value)
+            operand = sub.args[0]
+            graph.erase_node(sub)
+            while operand is not ph and not operand.users:  # the conversions that fed it alone
+                operand, dead = operand.args[0], operand
+                graph.erase_node(dead)
     readers = [(codec.decode, [u for u in ph.users if u not in by_predicate])]
     if by_predicate:
         readers.append((codec.decode_predicate, by_predicate))
@@ -205,6 +225,49 @@ def _decode_into(graph, ph, codec, parts, of, decompositions, inductor=False) ->
             # NB: the selection is the model's own work (its kernel's role, in bench/traffic.py), pinned for the codec
             _pin(graph, selection, stride, {"role": "pin", "codec": codec.name, "of": of})
     graph.erase_node(ph)
+
+
+def _centered_readers(ph: fx.Node, codec, mean: tuple[fx.Node, ...], statistic_of: dict) -> list[fx.Node]:
+    """The nodes ``x - m`` of the backward, where ``x`` is ``ph`` (in ``codec.centered_dtype``) and ``m`` the norm's
+    mean: a decomposed batch-, layer- or group-norm backward's first op, which ``codec.decode_centered``
+    gives without decoding ``x``. None unless ``codec`` has that decode.
+
+    ``mean``: the forward's statistic the codes were taken with (``Decision.extra_inputs[:1]``);
+    ``m`` is that statistic where, looking through views and float conversions, it is the backward
+    placeholder of a saved tensor that is (``statistic_of``: placeholder to forward node).
+
+    NB: a conversion may round the mean: Inductor's CPU decomposition saves a bf16 model's
+    statistics in bf16, and its backward subtracts that copy. The centered decode is the norm's
+    own ``x - mean`` then, as on a GPU, where they stay fp32.
+    """
+    if not hasattr(codec, "decode_centered") or codec.shift_shape is not None or len(mean) != 1:
+        return []
+    want, dtype = _statistic_root(mean[0]), codec.centered_dtype
+    found, todo = [], [ph]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            val = user.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dtype != dtype or user.kwargs:
+                continue
+            if user.target is torch.ops.prims.convert_element_type.default:
+                todo.append(user)
+            elif (user.target is torch.ops.aten.sub.Tensor and user.args[0] is node and user.args[1] is not node
+                    and isinstance(user.args[1], fx.Node) and val.shape == ph.meta["val"].shape
+                    and statistic_of.get(_statistic_root(user.args[1])) is not None
+                    and _statistic_root(statistic_of[_statistic_root(user.args[1])]) is want):
+                found.append(user)
+    return sorted(found, key=lambda n: n.name)
+
+
+def _statistic_root(node: fx.Node) -> fx.Node:
+    """``node`` looking through views and conversions between float dtypes."""
+    while node.op == "call_function" and isinstance(node.args[0], fx.Node) and (
+            node.target in VIEW_OPS or (node.target is torch.ops.prims.convert_element_type.default
+                                        and node.args[1].is_floating_point
+                                        and node.args[0].meta["val"].dtype.is_floating_point)):
+        node = node.args[0]
+    return node
 
 
 def _predicate_readers(ph: fx.Node, codec) -> list[fx.Node]:
