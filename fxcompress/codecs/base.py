@@ -99,9 +99,10 @@ class Codec(abc.ABC):
     the codes, not a dense tensor.
 
     A code of a norm's input taken in the norm's space (``Normalized``) also
-    defines ``decode_centered(*parts)``: ``x - mean`` in fp32, which a
-    decomposed norm backward subtracts first and the codes hold up to a
-    scaling (the rewrite's :func:`~fxcompress.passes.rewrite._centered_readers`).
+    defines ``decode_centered(*parts)``: ``x - mean`` in fp32 (or ``x``'s
+    dtype where wider), which a decomposed norm backward subtracts first and
+    the codes hold up to a scaling (the rewrite's
+    :func:`~fxcompress.passes.rewrite._centered_readers`).
     """
 
     #: bit-identical round trip for every consumer it is chosen for
