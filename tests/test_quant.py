@@ -524,7 +524,7 @@ def test_a_norm_backward_reads_its_centered_input_from_the_codes(monkeypatch):
     """Inductor's decomposed batch-norm backward subtracts the mean from its input first, and reads
     that ``x - mean`` in its reduction and in the gradient's kernel. Decoded as ``x' = xhat' / rstd +
     mean`` and less the mean again, it read 5 buffers and was written out: a full fp32 tensor per
-    norm (ResNet-50, Triton proxy, batch 32: the int4 step's peak 0.446 -> 0.585 GiB). The rewrite
+    norm (ResNet-50, Triton proxy, batch 32: the int4 step's peak was 0.585 GiB, now 0.446). The rewrite
     gives it as ``xhat' / rstd`` (4 buffers), which the plan, like Inductor, computes inside each
     reader. The codes are the same (deterministic rounding), so the gradients are those of the
     decode followed by the subtraction, but for rounding: the decoders compute in fp32, and ``x'``

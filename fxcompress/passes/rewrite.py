@@ -86,7 +86,7 @@ def rewrite_saved_tensors(
         bw.graph.erase_node(ph)
         saved_outputs[saved.index] = []
 
-    statistic_of = {bw_env[s.bw_placeholder]: s.fw_node for s in program.saved}
+    statistic_of = {bw_env[s.bw_placeholder]: _statistic_root(s.fw_node) for s in program.saved}
     parts_phs: dict[int, list[fx.Node]] = {}
     for saved, decision in zip(program.saved, plan.decisions):
         codec = decision.codec
@@ -234,7 +234,8 @@ def _centered_readers(ph: fx.Node, codec, mean: tuple[fx.Node, ...], statistic_o
 
     ``mean``: the forward's statistic the codes were taken with (``Decision.extra_inputs[:1]``);
     ``m`` is that statistic where, looking through views and float conversions, it is the backward
-    placeholder of a saved tensor that is (``statistic_of``: placeholder to forward node).
+    placeholder of a saved tensor that is (``statistic_of``: placeholder to its forward node's
+    :func:`_statistic_root`).
 
     NB: a conversion may round the mean: Inductor's CPU decomposition saves a bf16 model's
     statistics in bf16, and its backward subtracts that copy. The centered decode is the norm's
@@ -254,8 +255,7 @@ def _centered_readers(ph: fx.Node, codec, mean: tuple[fx.Node, ...], statistic_o
                 todo.append(user)
             elif (user.target is torch.ops.aten.sub.Tensor and user.args[0] is node and user.args[1] is not node
                     and isinstance(user.args[1], fx.Node) and val.shape == ph.meta["val"].shape
-                    and statistic_of.get(_statistic_root(user.args[1])) is not None
-                    and _statistic_root(statistic_of[_statistic_root(user.args[1])]) is want):
+                    and statistic_of.get(_statistic_root(user.args[1])) is want):
                 found.append(user)
     return sorted(found, key=lambda n: n.name)
 
