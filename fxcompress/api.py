@@ -85,6 +85,11 @@ class CompressedModule(nn.Module):
         """The original, uncompiled model."""
         return self._orig_mod
 
+    # NB: an outer torch.compile (of this module, or of a model holding it) would trace
+    # through the compiled model and compile it with its own backend, never fxcompress's:
+    # nothing would be compressed. It stops here instead (a graph break) and this
+    # module compiles and runs the model itself.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.config.learning_rule is LearningRule.ASA and self.asa_substitutions is None:
             self.asa_substitutions = apply_asa(self._orig_mod, self.config, args, kwargs)

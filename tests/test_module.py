@@ -135,3 +135,18 @@ def test_rewritten_graph_modules_run_the_code_of_their_graphs(backend):
     for before, gm in ((cap.original.fw, cap.rewritten.fw), (cap.original.bw, cap.rewritten.bw)):
         assert gm.code == gm.graph.python_code("self").src
         assert gm.code != before.code  # the codec's encode/decode ops are in it
+
+
+@pytest.mark.parametrize("wrap", ["direct", "inside a model"])
+def test_an_outer_torch_compile_leaves_the_model_to_fxcompress(wrap):
+    # an outer torch.compile would otherwise trace through the model and compile it with its
+    # own backend, saving everything uncompressed; the compressed module is a graph break
+    model, x = make_model("convnet")
+    around = (lambda m: m) if wrap == "direct" else (lambda m: nn.Sequential(m, nn.Tanh()))
+    plain = train_step(model, x, around)
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="lossless"), backend="eager")
+    got = train_step(model, x, lambda m: torch.compile(around(cm), backend="aot_eager"))
+    assert_grads_equal(got.grads, plain.grads)
+    assert torch.equal(got.output, plain.output)
+    report = fxcompress.explain(cm)
+    assert report.saved_bytes_after < report.saved_bytes_before
