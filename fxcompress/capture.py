@@ -159,6 +159,28 @@ def save_view_bases(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     return len(added)
 
 
+def drop_unread_running_stats(bw: fx.GraphModule) -> int:
+    """Pass ``None`` as the running statistics of every training-mode batch-norm backward.
+
+    ``native_batch_norm_backward`` with ``train=True`` normalizes with the batch statistics it
+    is given (``save_mean``, ``save_invstd``) and never reads ``running_mean`` or ``running_var``
+    (ATen's kernels, and the decomposition Inductor lowers, take them only when ``train`` is
+    false). Passed anyway, the updated running statistics are saved for the backward (two tensors
+    per norm on the eager backend); unread now, the plan stores nothing for them. A norm in eval
+    mode inside a training model (``train=False``) reads them and keeps them. Edits the
+    partitioned backward in place; returns how many norms changed.
+    """
+    changed = 0
+    for node in bw.graph.find_nodes(op="call_function", target=torch.ops.aten.native_batch_norm_backward.default):
+        if node.args[7] is True and (node.args[3] is not None or node.args[4] is not None):
+            node.args = (*node.args[:3], None, None, *node.args[5:])
+            changed += 1
+    if changed:
+        bw.graph.lint()
+        bw.recompile()
+    return changed
+
+
 def restride_for_inductor(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
     """Give saved tensors the strides Inductor will give them; returns how many changed.
 
@@ -319,6 +341,8 @@ class Partitioner(CustomPartitionerFn):
         # NB: for every codec, none included: the inventory counts a storage that saved views
         # share once, so saved_bytes_before is the same number whatever the codec.
         save_view_bases(fw, bw, kwargs["num_fwd_outputs"])
+        if self.config.codec is not Codec.NONE:
+            drop_unread_running_stats(bw)
         if self.config.codec is not Codec.NONE and self.backend is Backend.INDUCTOR:
             restride_for_inductor(fw, bw, kwargs["num_fwd_outputs"])
         partitioned = program = extract_program(fw, bw, kwargs["num_fwd_outputs"], name, parameters)
@@ -416,7 +440,11 @@ def make_backend(config: CompressConfig, backend: Backend, log: CaptureLog) -> C
     if backend is Backend.EAGER:
         from torch._dynamo.backends.common import aot_autograd
 
-        return aot_autograd(fw_compiler=_run_as_is, bw_compiler=_run_as_is, partition_fn=partitioner)
+        # NB: buffer updates (batch-norm running statistics) stay in the forward graph, as under
+        # aot_eager and Inductor. Applied after the forward instead, they bumped the version of a
+        # buffer that activation checkpointing's recomputation had saved, and autograd refused it.
+        return aot_autograd(fw_compiler=_run_as_is, bw_compiler=_run_as_is, partition_fn=partitioner,
+                            keep_inference_input_mutations=True)
 
     def inductor(gm: fx.GraphModule, example_inputs: Any):
         from torch._inductor.compile_fx import compile_fx

@@ -233,11 +233,14 @@ def _output_values(graph: fx.Graph) -> list[fx.Node]:
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
-    """For each value, the last node of ``graph`` that reads it (outputs excluded)."""
+    """For each value, the last node of ``graph`` that reads it (outputs excluded); an op's
+    value nothing reads (an in-place ``copy_`` into a buffer), the op itself, as FX drops it."""
     last: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
         if node.op == "output":
             continue
         for used in node.all_input_nodes:
             last[used] = node
+        if node.op == "call_function" and not node.users:
+            last[node] = node
     return last

@@ -15,33 +15,36 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    output, or its mask ``relu <= 0`` (saved by ``save_predicates``), is
    decoded from the same code (nothing of its own stored); where rules 1-3
    keep the batch-norm input as it is, none of them.
-5. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
-6. Not dense in memory (gaps or overlaps): keep.
-7. bool: :class:`BitMask` (a comparison that
+5. Not read by the backward at all: nothing stored (:class:`ShapeOnly`).
+   ``save_predicates`` saved what the backward read of it, or it is a
+   training-mode batch norm's updated running statistic, which
+   :func:`~fxcompress.capture.drop_unread_running_stats` took out of the
+   norm's backward.
+6. Smaller than ``min_bytes``: keep (BN statistics, RNG seeds, scalars).
+7. Not dense in memory (gaps or overlaps): keep.
+8. bool: :class:`BitMask` (a comparison that
    :func:`~fxcompress.passes.predicates.save_predicates` added among them).
-   Not read by the backward at all (``save_predicates`` saved what it read
-   of it): nothing stored.
-8. Read as values by an op that needs them exact (normalization
+9. Read as values by an op that needs them exact (normalization
    statistics, attention's log-sum-exp), a normalization statistic the
    graph computes itself (a decomposed norm's ``var_mean``: Inductor's
    graphs), or computed from parameters alone
    (autocast's low-precision weight copy, which input gradients read, so an
    error in it would reach every earlier layer): keep.
-9. Read as values otherwise: with a per-group lossy codec (or BLPA's
-   ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
-   :class:`GroupFP8`), and if it is also read through one predicate, that
-   predicate is kept exact: for a clamp's output read as ``x <= c`` (a
-   ReLU's output read by ``threshold_backward``) by a reserved integer code
-   (:class:`ClampedAffine`, unbiased, no extra bytes); otherwise, with
-   rounding to nearest and a one-sided predicate, by the integer codes
-   themselves (:class:`SplitAffine`); otherwise by a 1-bit mask stored
-   beside the codes (:class:`MaskedLossy`; unbiased);
-   without a per-group codec, keep, naming the op that reads the values.
-   A reader that needs more bits (fused attention's q and k: 8) raises
-   the codec to an integer code of that many bits.
-10. Read only for its shape: :class:`ShapeOnly`.
-11. Read only through one predicate (and shapes): :class:`PredicateMask`.
-12. Integer read only as bounded indices: :class:`NarrowInt`.
+10. Read as values otherwise: with a per-group lossy codec (or BLPA's
+    ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
+    :class:`GroupFP8`), and if it is also read through one predicate, that
+    predicate is kept exact: for a clamp's output read as ``x <= c`` (a
+    ReLU's output read by ``threshold_backward``) by a reserved integer code
+    (:class:`ClampedAffine`, unbiased, no extra bytes); otherwise, with
+    rounding to nearest and a one-sided predicate, by the integer codes
+    themselves (:class:`SplitAffine`); otherwise by a 1-bit mask stored
+    beside the codes (:class:`MaskedLossy`; unbiased);
+    without a per-group codec, keep, naming the op that reads the values.
+    A reader that needs more bits (fused attention's q and k: 8) raises
+    the codec to an integer code of that many bits.
+11. Read only for its shape: :class:`ShapeOnly`.
+12. Read only through one predicate (and shapes): :class:`PredicateMask`.
+13. Integer read only as bounded indices: :class:`NarrowInt`.
 """
 from __future__ import annotations
 
@@ -110,6 +113,8 @@ def _decide_early(saved: SavedTensor, program: Program, config: CompressConfig) 
 
 
 def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) -> Decision:
+    if not any(reader.users for reader in readers):
+        return Decision(ShapeOnly(Layout(saved.shape, saved.stride, saved.dtype, saved.device)), _unread(saved))
     if saved.nbytes < config.min_bytes:
         return Decision(None, f"tiny: {saved.nbytes} B < min_bytes={config.min_bytes}")
     layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
@@ -147,8 +152,6 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
     if values:
         ops = ", ".join(sorted({u.op for u in values}))
         return _lossy(saved, layout, uses, ops, config)
-    if not uses:
-        return Decision(ShapeOnly(layout), "no longer read: the backward's comparisons of it are saved")
     if all(isinstance(u, ShapeUse) for u in uses):
         return Decision(ShapeOnly(layout), "read only for its shape")
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
@@ -188,6 +191,16 @@ _ON_A_STATISTIC = {
     torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar,
     operator.getitem, *VIEW_OPS,
 }
+
+
+def _unread(saved: SavedTensor) -> str:
+    """Why the backward no longer reads a saved tensor: the two passes that make one unread."""
+    node = saved.fw_node
+    if node.target is operator.getitem and node.args[1] in (3, 4) and \
+            node.args[0].target is torch.ops.aten._native_batch_norm_legit_functional.default:
+        # capture.drop_unread_running_stats
+        return "a batch norm's updated running statistic, which its training-mode backward never reads"
+    return "no longer read: the backward's comparisons of it are saved"  # save_predicates
 
 
 def _statistic_of(node: fx.Node) -> str | None:
