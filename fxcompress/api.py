@@ -67,18 +67,34 @@ class CompressedModule(nn.Module):
         self._orig_mod = model
         self.config = config
         self.backend = backend
-        self.capture_log = CaptureLog()
-        compiled = torch.compile(
-            model,
-            backend=make_backend(config, backend, self.capture_log),
-            fullgraph=config.fullgraph,
-            dynamic=config.dynamic,
-        )
-        # NB: not an attribute nn.Module registers, or parameters would appear twice.
-        object.__setattr__(self, "_compiled", compiled)
+        self._start_capture()
         self.asa_substitutions: tuple | None = None  # learning_rule="asa": set on the first call
         self._register_state_dict_hook(_strip_prefix)
         self._register_load_state_dict_pre_hook(_add_prefix)
+
+    def _start_capture(self) -> None:
+        """An empty capture log and a ``torch.compile`` wrapper of the model (compiled on its first call)."""
+        self.capture_log = CaptureLog()
+        compiled = torch.compile(
+            self._orig_mod,
+            backend=make_backend(self.config, self.backend, self.capture_log),
+            fullgraph=self.config.fullgraph,
+            dynamic=self.config.dynamic,
+        )
+        # NB: not an attribute nn.Module registers, or parameters would appear twice.
+        object.__setattr__(self, "_compiled", compiled)
+
+    # NB: copy.deepcopy (an EMA copy of the model) and pickling (torch.save of the whole module)
+    # copy the model, the config and the hooks, not the compiled code and its records: the copy
+    # captures and compiles its own graphs on its first training step.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_compiled"], state["capture_log"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._start_capture()
 
     @property
     def module(self) -> nn.Module:

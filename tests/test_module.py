@@ -198,3 +198,25 @@ def test_a_norm_in_eval_mode_inside_a_training_model_keeps_its_running_statistic
     model.features[1].eval()
     got = train_step(model, x, compressed("lossless"))
     assert_grads_equal(got.grads, plain.grads)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_the_compressed_module_compresses_on_its_own(how, tmp_path):
+    # copy.deepcopy is how EMA helpers copy a model; torch.save(module) pickles it whole
+    model, x = make_model("convnet")
+    cm = fxcompress.compile(model, fxcompress.CompressConfig(codec="lossless"), backend="eager")
+    train_step(model, x, lambda m: cm)
+    if how == "deepcopy":
+        twin = copy.deepcopy(cm)
+    else:
+        torch.save(cm, tmp_path / "cm.pt")
+        twin = torch.load(tmp_path / "cm.pt", weights_only=False)
+    assert isinstance(twin, fxcompress.CompressedModule) and twin.config == cm.config
+    assert not {id(p) for p in twin.parameters()} & {id(p) for p in model.parameters()}
+    assert twin.capture_log.captures() == []
+    plain = train_step(copy.deepcopy(model), x, lambda m: m)
+    got = train_step(twin.module, x, lambda m: twin)
+    assert_grads_equal(got.grads, plain.grads)
+    report = fxcompress.explain(twin)
+    assert report.saved_bytes_after < report.saved_bytes_before
+    assert len(cm.capture_log.captures()) == 1  # the original's records are its own
