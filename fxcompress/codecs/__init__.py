@@ -1,5 +1,5 @@
 """Saved-tensor codecs: one module per family."""
 from .base import Codec, Layout
-from .lossless import BitMask, NarrowInt, PackedInt, PredicateMask, ShapeOnly
+from .lossless import BitMask, NarrowInt, PackedInt, PredicateMask, ShapeOnly, Unread
 
-__all__ = ["Codec", "Layout", "BitMask", "PredicateMask", "ShapeOnly", "NarrowInt", "PackedInt"]
+__all__ = ["Codec", "Layout", "BitMask", "PredicateMask", "ShapeOnly", "Unread", "NarrowInt", "PackedInt"]

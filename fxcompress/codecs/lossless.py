@@ -79,6 +79,15 @@ class ShapeOnly(Codec):
 
 
 @dataclasses.dataclass(frozen=True)
+class Unread(ShapeOnly):
+    """Nothing stored for a saved tensor the backward no longer reads (its decode is dead code)."""
+
+    @property
+    def name(self) -> str:
+        return "unread"
+
+
+@dataclasses.dataclass(frozen=True)
 class NarrowInt(Codec):
     layout: Layout
     narrow: torch.dtype

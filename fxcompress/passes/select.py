@@ -15,7 +15,7 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    output, or its mask ``relu <= 0`` (saved by ``save_predicates``), is
    decoded from the same code (nothing of its own stored); where rules 1-3
    keep the batch-norm input as it is, none of them.
-5. Not read by the backward at all: nothing stored (:class:`ShapeOnly`).
+5. Not read by the backward at all: nothing stored (:class:`Unread`).
    ``save_predicates`` saved what the backward read of it, or it is a
    training-mode batch norm's updated running statistic, which
    :func:`~fxcompress.capture.drop_unread_running_stats` took out of the
@@ -55,7 +55,7 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
-from ..codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask, ShapeOnly
+from ..codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask, ShapeOnly, Unread
 from ..codecs.lossless import narrowest_int, packed_bits
 from ..codecs.blpa import BLPA, BLPAMask, BLPARelu
 from ..codecs.kernels import require_triton
@@ -114,7 +114,7 @@ def _decide_early(saved: SavedTensor, program: Program, config: CompressConfig) 
 
 def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) -> Decision:
     if not any(reader.users for reader in readers):
-        return Decision(ShapeOnly(Layout(saved.shape, saved.stride, saved.dtype, saved.device)), _unread(saved))
+        return Decision(Unread(Layout(saved.shape, saved.stride, saved.dtype, saved.device)), _unread(saved))
     if saved.nbytes < config.min_bytes:
         return Decision(None, f"tiny: {saved.nbytes} B < min_bytes={config.min_bytes}")
     layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
