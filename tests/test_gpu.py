@@ -1,18 +1,21 @@
 """What only a CUDA machine can show: NCCL under DDP and FSDP2 with int4, reproducible
 stochastic rounding, ReLU6's mask under CUDA's NaN rule, the compiled Triton encoder
-(``encoders="triton"``) against the aten one (the lossless bit-identity and
+(``encoders="triton"``) against the aten one, the eager backend's batch-norm graphs (the lossless bit-identity and
 leak checks have a CUDA case beside their CPU one, in test_lossless.py and test_reliability.py).
 
 CI has no GPU, so these are skipped there; on the GPU machine run them with
 ``python -m pytest -q tests/test_gpu.py tests/test_lossless.py tests/test_reliability.py``.
 """
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import fxcompress
-from conftest import assert_grads_equal, compressed, grads_cosine, make_model, train_step
+from conftest import assert_grads_close, assert_grads_equal, compressed, grads_cosine, make_model, train_step
 from test_kernels import NORM_CASES, _norm_input
+from test_module import _CheckpointedConvNet
 from test_quant import _no_dropout
 
 pytestmark = pytest.mark.skipif(
@@ -175,3 +178,25 @@ def test_a_gpu_step_with_triton_encoders_stays_close_and_reproducible(backend):
     kernels = [n for c in first.module.capture_log.captures() for n in c.rewritten.fw.graph.nodes
                if n.target is torch.ops.fxcompress.affine_encode.default]
     assert kernels
+
+
+def test_eager_backend_batch_norms_on_the_gpu():
+    # the CPU tests' graphs hold native_batch_norm_backward; on CUDA, whether the eager backend's
+    # graphs hold it too (its running statistics then unread), and checkpointed norms train
+    model, x = _on_gpu("convnet")
+    reference = copy.deepcopy(model)
+    plain = train_step(reference, x, lambda m: m)
+    got = train_step(model, x, compressed("lossless"))
+    assert_grads_equal(got.grads, plain.grads)
+    for (name, ours), theirs in zip(model.named_buffers(), reference.buffers()):
+        assert torch.equal(ours, theirs), name
+    rows = [r for r in fxcompress.explain(got.module).rows if r.op.endswith(("functional[3]", "functional[4]"))]
+    assert len(rows) == 6 and all(r.codec == "unread" for r in rows), rows
+
+    torch.manual_seed(0)
+    model = _no_dropout(_CheckpointedConvNet()).cuda()
+    x = model.example_input().cuda()
+    plain = train_step(model, x, lambda m: m)
+    got = train_step(model, x, compressed("lossless"))
+    assert_grads_close(got.grads, plain.grads)
+
