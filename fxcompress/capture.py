@@ -166,10 +166,10 @@ def drop_unread_running_stats(bw: fx.GraphModule) -> int:
     is given (``save_mean``, ``save_invstd``) and never reads ``running_mean`` or ``running_var``
     (ATen's kernels, and the decomposition Inductor lowers, take them only when ``train`` is
     false); ``None`` there is what PyTorch itself passes for a norm without running statistics
-    (``track_running_stats=False``), on every device. Passed anyway, the updated running statistics are saved for the backward (two tensors
-    per norm on the eager backend); unread now, the plan stores nothing for them. A norm in eval
-    mode inside a training model (``train=False``) reads them and keeps them. Edits the
-    partitioned backward in place; returns how many norms changed.
+    (``track_running_stats=False``). Passed anyway, the updated running statistics are saved for
+    the backward (two tensors per norm on the eager backend); unread now, the plan stores nothing
+    for them. A norm in eval mode inside a training model (``train=False``) reads them and keeps
+    them. Edits the partitioned backward in place; returns how many norms changed.
     """
     changed = 0
     for node in bw.graph.find_nodes(op="call_function", target=torch.ops.aten.native_batch_norm_backward.default):

@@ -1,7 +1,8 @@
 """What only a CUDA machine can show: NCCL under DDP and FSDP2 with int4, reproducible
 stochastic rounding, ReLU6's mask under CUDA's NaN rule, the compiled Triton encoder
-(``encoders="triton"``) against the aten one, the eager backend's batch-norm graphs (the lossless bit-identity and
-leak checks have a CUDA case beside their CPU one, in test_lossless.py and test_reliability.py).
+(``encoders="triton"``) against the aten one, the eager backend's batch-norm graphs (the
+lossless bit-identity and leak checks have a CUDA case beside their CPU one, in
+test_lossless.py and test_reliability.py).
 
 CI has no GPU, so these are skipped there; on the GPU machine run them with
 ``python -m pytest -q tests/test_gpu.py tests/test_lossless.py tests/test_reliability.py``.
@@ -199,4 +200,3 @@ def test_eager_backend_batch_norms_on_the_gpu():
     plain = train_step(model, x, lambda m: m)
     got = train_step(model, x, compressed("lossless"))
     assert_grads_close(got.grads, plain.grads)
-

@@ -113,11 +113,11 @@ def _decide_early(saved: SavedTensor, program: Program, config: CompressConfig) 
 
 
 def _decide(saved: SavedTensor, readers: list[fx.Node], config: CompressConfig) -> Decision:
+    layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
     if not any(reader.users for reader in readers):
-        return Decision(Unread(Layout(saved.shape, saved.stride, saved.dtype, saved.device)), _unread(saved))
+        return Decision(Unread(layout), _unread(saved))
     if saved.nbytes < config.min_bytes:
         return Decision(None, f"tiny: {saved.nbytes} B < min_bytes={config.min_bytes}")
-    layout = Layout(saved.shape, saved.stride, saved.dtype, saved.device)
     if layout.is_dense():
         return _decide_dense(saved, layout, readers, config)
     if layout.overlaps():
