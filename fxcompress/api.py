@@ -111,6 +111,7 @@ class CompressedModule(nn.Module):
             self.asa_substitutions = apply_asa(self._orig_mod, self.config, args, kwargs)
         if not (self.training and torch.is_grad_enabled()):
             return self._orig_mod(*args, **kwargs)
+        seen = _dynamo_gaps()
         try:
             out = self._compiled(*args, **kwargs)
         except FxCompressError:
@@ -133,20 +134,45 @@ class CompressedModule(nn.Module):
                     f"model on the same inputs to see where it fails)"
                 ) from e
             raise
+        reasons = _new_gaps(seen)
+        self.capture_log.note_uncaptured(reasons)
         if not self.capture_log.captures():
             # NB: Dynamo falls back to running the model eagerly when it gives up
             # (e.g. config.recompile_limit reached because many modules share one
-            # forward); training would then silently save everything.
+            # forward, or an op it cannot trace); training would then silently save everything.
+            limit = torch._dynamo.config.recompile_limit
+            cause = (
+                f"Dynamo gave up on it: {'; '.join(reasons)}"
+                if reasons and not any("recompile limit" in r for r in reasons) else
+                f"Usual cause: torch._dynamo.config.recompile_limit ({limit}) was reached, e.g. by "
+                f"compiling many instances or configs of one model class; raise it or call torch._dynamo.reset()"
+            )
             raise CaptureError(
                 f"torch.compile ran {type(self._orig_mod).__name__} without capturing a graph, so "
-                f"nothing would be compressed. Usual cause: torch._dynamo.config.recompile_limit "
-                f"({torch._dynamo.config.recompile_limit}) was reached, e.g. by compiling many "
-                f"instances or configs of one model class; raise it or call torch._dynamo.reset()"
+                f"nothing would be compressed. {cause}"
             )
         return out
 
     def extra_repr(self) -> str:
         return f"config={self.config.describe()}, backend={self.backend.value!r}"
+
+
+# Dynamo counts, by message, the code it leaves out of its graphs: graph breaks, and frames or
+# calls it gives up on (``torch._dynamo.utils.counters``; ``torch._dynamo.explain`` reads them too).
+_GAP_COUNTERS = ("graph_break", "unimplemented")
+
+
+def _dynamo_gaps() -> dict[tuple[str, str], int]:
+    """Dynamo's counts of what it left out of its graphs so far, by (counter, message)."""
+    from torch._dynamo.utils import counters
+
+    return {(c, m): n for c in _GAP_COUNTERS for m, n in counters[c].items()}
+
+
+def _new_gaps(seen: dict[tuple[str, str], int]) -> list[str]:
+    """The first lines of the messages Dynamo counted since ``seen`` (a :func:`_dynamo_gaps`)."""
+    new = [key[1] for key, n in _dynamo_gaps().items() if n > seen.get(key, 0)]
+    return list(dict.fromkeys((m.strip().splitlines() or [""])[0] for m in new))
 
 
 def _innermost(e: BaseException) -> BaseException:
@@ -240,6 +266,13 @@ def explain(cm: CompressedModule, *, inputs: tuple | None = None) -> Report:
                 )
             )
     notes = []
+    uncaptured = cm.capture_log.uncaptured()
+    if uncaptured:
+        notes.append(
+            f"Dynamo left some of the model's code out of its graphs ({'; '.join(uncaptured)}): that code "
+            f"runs eagerly, so what it saves for backward, if anything, is neither listed here nor "
+            f"compressed (CompressConfig(fullgraph=True) makes this an error)"
+        )
     if len(captures) > 1:
         notes.append(f"{len(captures)} captured graphs (graph breaks split the model); totals sum them")
         notes.append("predicted peak with several graphs: all their saved tensors plus the largest transient")

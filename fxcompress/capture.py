@@ -262,6 +262,16 @@ class CaptureLog:
         self._lock = threading.Lock()
         self._by_key: dict[Any, Capture] = {}
         self._names: dict[Any, str] = {}
+        self._uncaptured: dict[str, None] = {}  # Dynamo's reasons for code it left out, in order
+
+    def note_uncaptured(self, reasons: list[str]) -> None:
+        """Record why Dynamo left some of the model's code out of its graphs (graph breaks, skips)."""
+        with self._lock:
+            self._uncaptured.update(dict.fromkeys(reasons))
+
+    def uncaptured(self) -> list[str]:
+        with self._lock:
+            return list(self._uncaptured)
 
     def name_for(self, key: Any) -> str:
         """A stable name per Dynamo frame, in order of first capture: graph0, graph1, ..."""

@@ -288,6 +288,23 @@ def test_model_error_during_capture_names_the_model():
     assert "fullgraph" not in msg  # already False: no advice to set it
 
 
+def test_a_model_dynamo_gives_up_on_names_dynamos_reason():
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    with pytest.raises(fxcompress.CaptureError) as info:
+        step(fxcompress.compile(Recurrent(), backend="eager"), torch.randn(2, 3, 8))
+    msg = str(info.value)
+    assert "torch.compile ran Recurrent without capturing a graph, so nothing would be compressed" in msg
+    assert "Dynamo gave up on it: Attempted to wrap RNN, GRU, or LSTM" in msg
+    assert "recompile_limit" not in msg  # not the usual cause's advice, which would mislead
+
+
 def test_recompile_limit_reached_names_the_limit_and_the_fix():
     with torch._dynamo.config.patch(recompile_limit=1):
         step(fxcompress.compile(Tiny(), fxcompress.CompressConfig(codec="none"), backend="eager"), torch.randn(4, 8))

@@ -86,7 +86,36 @@ def test_graph_breaks_give_one_program_each_and_stay_exact():
     report = fxcompress.explain(got.module)
     assert sorted({r.program for r in report.rows}) == ["graph0", "graph1"]
     assert any("2 captured graphs" in n for n in report.notes)
+    assert any("torch._dynamo.graph_break()" in n and "runs eagerly" in n for n in report.notes)
     assert report.saved_bytes_after < report.saved_bytes_before
+
+
+class ConvLSTM(nn.Module):
+    """A recurrent layer, which Dynamo does not trace, after a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.rnn = nn.LSTM(64, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).permute(0, 3, 1, 2).flatten(2)  # (batch, 16 steps, 64)
+        out, _ = self.rnn(h)
+        return self.head(out[:, -1])
+
+
+def test_code_dynamo_leaves_out_is_named_in_the_report():
+    # NB: the LSTM runs eagerly and saves its tensors outside fxcompress's graphs: the report
+    # must not read as if it covered the whole step
+    torch.manual_seed(0)
+    model, x = ConvLSTM(), torch.randn(4, 1, 8, 16)
+    ref = train_step(model, x, compressed("none"))
+    got = train_step(model, x, compressed("lossless"))
+    assert_grads_equal(ref.grads, got.grads)
+    notes = fxcompress.explain(got.module).notes
+    assert any("RNN, GRU, or LSTM" in n and "neither listed here nor compressed" in n for n in notes), notes
+    assert "RNN, GRU, or LSTM" in str(fxcompress.explain(got.module))  # the printed report shows it
 
 
 def test_fullgraph_with_a_graph_break_is_a_capture_error():
