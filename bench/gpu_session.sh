@@ -95,7 +95,7 @@ for s in $STEPS; do
         gpt2) run_step gpt2 420 python3 bench/bench_step.py --models gpt2 --steps 10 --timeout 200 \
                   --variants torch.compile "fxcompress int8" "fxcompress int4" --out "bench/results/step_$H.json" ;;
         # cold compile times with Inductor's forward/backward split and fxcompress's share (the CPU
-        # proxy: int4/triton 1.33x plain, the decoders +7.9 s in the backward; Triton's own compile only here)
+        # proxy: int4/triton 1.32x plain, the decoders +5.8 s in the backward; Triton's own compile only here)
         compile) run_step compile 300 python3 bench/compile_time.py --device cuda --models resnet50 --batch 64 \
                   --variants plain int4 int4/triton --out "bench/results/compile_time_$H.json" ;;
         *) echo "[session] unknown step $s (known: tests predict ipeak encoders step traffic blpa gpt2 peak compile)"; exit 2 ;;
