@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fxcompress.codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask
+from fxcompress.codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask, Select
 from fxcompress.codecs.base import predicate_values
 from fxcompress.codecs.lossless import narrowest_int
 from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, SplitAffine
@@ -158,6 +158,23 @@ def test_bitmask_round_trips(x):
     mask = x > 0
     codec = BitMask(Layout.of(mask))
     assert torch.equal(codec.decode(*codec.encode(mask)), mask)
+
+
+@SETTINGS
+@given(x=tensors(), pair=st.sampled_from([
+    (0.0, -math.inf), (-math.inf, math.inf), (math.nan, 1.0), (1.0, math.nan), (1.0, 0.5), (-0.0, 3.0), (-3e38, 0.0),
+]))
+def test_select_round_trips_bit_for_bit(x, pair):
+    # NB: the planner gives Select the two values a where() writes, in the tensor's dtype
+    a, b = (torch.tensor(v, dtype=torch.float64).to(x.dtype).item() for v in pair)
+    assume(a != b and not (math.isnan(a) and math.isnan(b)))
+    chosen = torch.where(x > 0, torch.tensor(a, dtype=x.dtype), torch.tensor(b, dtype=x.dtype))
+    codec = Select(Layout.of(chosen), a, b)
+    (packed,) = codec.encode(chosen)
+    y = codec.decode(packed)
+    assert packed.numel() == -(-x.numel() // 8) and y.dtype == x.dtype and y.stride() == chosen.stride()
+    as_bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[x.element_size()]
+    assert torch.equal(y.view(as_bits), chosen.view(as_bits))  # bit for bit: NaN, -0.0 and ±inf too
 
 
 @SETTINGS

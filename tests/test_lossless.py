@@ -119,6 +119,39 @@ def test_relu_mask_is_exact_with_nan_and_inf_activations():
         torch.testing.assert_close(ref.grads[k], got.grads[k], rtol=0, atol=0, equal_nan=True)
 
 
+class CheckpointedMaskedAttention(torch.nn.Module):
+    """Attention under activation checkpointing with an additive mask of 0 and -inf made from the
+    input (a padding mask): the checkpoint saves the mask for its recomputation, as Hugging Face's
+    GPT-2 with gradient checkpointing does."""
+
+    def __init__(self, d: int = 16, t: int = 8) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.register_buffer("causal", torch.ones(t, t, dtype=torch.bool).tril())
+
+    def block(self, x, mask):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+    def forward(self, x):
+        keep = self.causal & (x[..., 0] > -1)[:, None, :]
+        return torch.utils.checkpoint.checkpoint(self.block, x, torch.where(keep, 0.0, -math.inf), use_reentrant=False)
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int4"])
+def test_an_additive_mask_of_minus_inf_is_stored_as_one_bit_exactly(codec):
+    # NB: a per-group code of a group holding -inf decodes to NaN (as a non-finite input must);
+    # int4 made every gradient NaN here before the select of two constants got its own codec
+    torch.manual_seed(0)
+    model, x = CheckpointedMaskedAttention(), torch.randn(4, 8, 16)
+    ref = train_step(model, x, compressed("none"))
+    got = train_step(model, x, compressed(codec))
+    assert_grads_equal(ref.grads, got.grads)  # the block is recomputed: the mask is all it saves
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.op == "where.self"]
+    assert row.codec == "select" and row.bytes_after == row.bytes_before // 32
+    assert "a select of two constants (0, -inf)" in row.reason
+
+
 def test_channels_last_inputs_stay_bit_identical():
     model, x = make_model("resnet")
     model = model.to(memory_format=torch.channels_last)

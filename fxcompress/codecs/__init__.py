@@ -1,5 +1,5 @@
 """Saved-tensor codecs: one module per family."""
 from .base import Codec, Layout
-from .lossless import BitMask, NarrowInt, PackedInt, PredicateMask, ShapeOnly, Unread
+from .lossless import BitMask, NarrowInt, PackedInt, PredicateMask, Select, ShapeOnly, Unread
 
-__all__ = ["Codec", "Layout", "BitMask", "PredicateMask", "ShapeOnly", "Unread", "NarrowInt", "PackedInt"]
+__all__ = ["Codec", "Layout", "BitMask", "PredicateMask", "Select", "ShapeOnly", "Unread", "NarrowInt", "PackedInt"]

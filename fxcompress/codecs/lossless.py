@@ -6,6 +6,9 @@
   predicate (``threshold_backward(g, relu_out, 0)`` reads ``relu_out <= 0``):
   1 bit per element, decoded to two representative values that give every
   consumer the same predicate.
+- :class:`Select`: a choice between two constants, ``where(c, a, b)`` (an
+  additive attention mask of 0 and -inf): 1 bit per element, the constants
+  kept in the codec.
 - :class:`ShapeOnly`: a tensor the backward reads only for its shape (the
   ``self`` of ``max_pool2d_with_indices_backward``): nothing is stored.
 - :class:`NarrowInt`: int64 values known to lie in ``[0, bound)`` (max-pool
@@ -16,13 +19,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from .base import Codec, Layout, pack_bits, pack_codes, unpack_bits, unpack_codes
 from .uses import Predicate
 
-__all__ = ["BitMask", "PredicateMask", "ShapeOnly", "NarrowInt", "PackedInt", "narrowest_int", "packed_bits"]
+__all__ = ["BitMask", "PredicateMask", "Select", "ShapeOnly", "NarrowInt", "PackedInt", "narrowest_int", "packed_bits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +59,40 @@ class PredicateMask(Codec):
         return (pack_bits(self.predicate(self.layout.flatten(x))),)
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
-        lay = self.layout
-        bits = lay.unflatten(unpack_bits(packed, lay.numel))
-        hi = torch.scalar_tensor(self.v_true, dtype=lay.dtype, device=lay.device)
-        lo = torch.scalar_tensor(self.v_false, dtype=lay.dtype, device=lay.device)
-        return torch.where(bits, hi, lo)
+        return _select(self.layout, packed, self.v_true, self.v_false)
+
+
+@dataclasses.dataclass(frozen=True)
+class Select(Codec):
+    """A tensor that holds only ``a`` or ``b``, constants of its dtype (``where(c, a, b)``, the forward's
+    own select: an additive attention mask of 0 and -inf): 1 bit per element, where ``x`` is ``a``.
+
+    Exact for any two different values, ±inf and NaN included, where a per-group lossy code of a
+    group holding -inf decodes to NaN (non-finite groups poison their codes, :mod:`.quant`).
+    """
+
+    layout: Layout
+    a: float
+    b: float
+
+    @property
+    def name(self) -> str:
+        return "select"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = self.layout.flatten(x)
+        return (pack_bits(flat.isnan() if math.isnan(self.a) else flat == self.a),)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        return _select(self.layout, packed, self.a, self.b)
+
+
+def _select(lay: Layout, packed: torch.Tensor, v_true: float, v_false: float) -> torch.Tensor:
+    """1-bit ``packed`` as ``lay``'s tensor: ``v_true`` where a bit is set, else ``v_false``."""
+    bits = lay.unflatten(unpack_bits(packed, lay.numel))
+    hi = torch.scalar_tensor(v_true, dtype=lay.dtype, device=lay.device)
+    lo = torch.scalar_tensor(v_false, dtype=lay.dtype, device=lay.device)
+    return torch.where(bits, hi, lo)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,13 +24,16 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
 7. Not dense in memory (gaps or overlaps): keep.
 8. bool: :class:`BitMask` (a comparison that
    :func:`~fxcompress.passes.predicates.save_predicates` added among them).
-9. Read as values by an op that needs them exact (normalization
-   statistics, attention's log-sum-exp), a normalization statistic the
-   graph computes itself (a decomposed norm's ``var_mean``: Inductor's
-   graphs), or computed from parameters alone
-   (autocast's low-precision weight copy, which input gradients read, so an
-   error in it would reach every earlier layer): keep.
-10. Read as values otherwise: with a per-group lossy codec (or BLPA's
+9. A select of two constants, ``where(c, a, b)`` (an additive attention
+   mask of 0 and -inf): :class:`Select`, 1 bit per element, exact (a
+   lossy code of a group holding -inf would decode to NaN).
+10. Read as values by an op that needs them exact (normalization
+    statistics, attention's log-sum-exp), a normalization statistic the
+    graph computes itself (a decomposed norm's ``var_mean``: Inductor's
+    graphs), or computed from parameters alone
+    (autocast's low-precision weight copy, which input gradients read, so an
+    error in it would reach every earlier layer): keep.
+11. Read as values otherwise: with a per-group lossy codec (or BLPA's
     ``blpa_fallback``) a float tensor is quantized (:class:`GroupAffine` or
     :class:`GroupFP8`), and if it is also read through one predicate, that
     predicate is kept exact: for a clamp's output read as ``x <= c`` (a
@@ -42,20 +45,21 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
     without a per-group codec, keep, naming the op that reads the values.
     A reader that needs more bits (fused attention's q and k: 8) raises
     the codec to an integer code of that many bits.
-11. Read only for its shape: :class:`ShapeOnly`.
-12. Read only through one predicate (and shapes): :class:`PredicateMask`.
-13. Integer read only as bounded indices: :class:`NarrowInt`.
+12. Read only for its shape: :class:`ShapeOnly`.
+13. Read only through one predicate (and shapes): :class:`PredicateMask`.
+14. Integer read only as bounded indices: :class:`NarrowInt`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import NamedTuple
 
 import torch
 import torch.fx as fx
 
-from ..codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask, ShapeOnly, Unread
+from ..codecs import BitMask, Layout, NarrowInt, PackedInt, PredicateMask, Select, ShapeOnly, Unread
 from ..codecs.lossless import narrowest_int, packed_bits
 from ..codecs.blpa import BLPA, BLPAMask, BLPARelu
 from ..codecs.kernels import require_triton
@@ -136,6 +140,10 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
             return Decision(BitMask(layout), "a comparison the backward made of recomputed values, "
                                              "saved so that it stays exact: 8 per byte")
         return Decision(BitMask(layout), "bool: 8 per byte")
+    constants = _two_constants(saved.fw_node)
+    if constants is not None:
+        a, b = constants
+        return Decision(Select(layout, a, b), f"a select of two constants ({a:g}, {b:g}): 8 per byte")
 
     uses = [u for reader in readers for _, u in uses_of(reader)]
     exact = [u for u in uses if isinstance(u, ExactUse)]
@@ -191,6 +199,43 @@ _ON_A_STATISTIC = {
     torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar,
     operator.getitem, *VIEW_OPS,
 }
+
+
+_SELECTS = {torch.ops.aten.where.self, torch.ops.aten.where.ScalarSelf, torch.ops.aten.where.ScalarOther,
+            torch.ops.aten.where.Scalar}
+
+
+def _two_constants(node: fx.Node) -> tuple[float, float] | None:
+    """``(a, b)`` where ``node`` is ``where(c, a, b)`` of two constants, as the values it writes (in
+    its dtype, exactly); ``None`` otherwise, or where one bit cannot tell them apart (``0.0, -0.0``)."""
+    if node.op != "call_function" or node.target not in _SELECTS:
+        return None
+    dtype = node.meta["val"].dtype
+    values = [_constant(arg) for arg in node.args[1:3]]
+    if not dtype.is_floating_point or any(v is None for v in values):
+        return None
+    a, b = (v.to(dtype).item() for v in values)
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return None
+    return a, b
+
+
+def _constant(arg: object) -> torch.Tensor | None:
+    """The value of a constant operand as a 0-d CPU tensor of its own dtype: a Python number, a
+    ``full``/``scalar_tensor`` node, or a conversion of one; ``None`` for anything else."""
+    if isinstance(arg, (bool, int, float)):
+        return torch.tensor(arg, dtype=torch.float64)
+    if not isinstance(arg, fx.Node) or arg.op != "call_function":
+        return None
+    dtype = arg.meta["val"].dtype
+    if arg.target in (torch.ops.aten.full.default, torch.ops.aten.scalar_tensor.default):
+        value = arg.args[1] if arg.target is torch.ops.aten.full.default else arg.args[0]
+        # NB: one rounding of the Python number to the dtype, as the op's own
+        return torch.tensor(value, dtype=torch.float64).to(dtype) if isinstance(value, (bool, int, float)) else None
+    if arg.target in (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default):
+        inner = _constant(arg.args[0])
+        return None if inner is None else inner.to(dtype)
+    return None
 
 
 def _unread(saved: SavedTensor) -> str:
