@@ -9,7 +9,11 @@ transformers' language models shrunk to 2 layers of width 128 at batch 2 and
 graphs hold and what fxcompress does to each, not memory at scale. For each
 model, the activations (all saved tensors but graph inputs and tensors made
 from parameters alone) before and after the codec, the share left uncoded,
-and the reasons of the largest uncoded groups, from ``fxcompress.explain``.
+and the reasons of the largest uncoded groups, from ``fxcompress.explain``;
+and the cosine similarity of the step's weight gradients to the plain model's,
+run eagerly, dropout off in both (the codec's error and the compiler's
+reordering together; a NaN gradient shows as ``nan``). ``gpt2-ckpt`` is GPT-2 with Hugging Face's gradient
+checkpointing, which saves its additive attention mask for the recomputation.
 Each run is a child process with empty compile caches. Models not importable
 here are skipped with a message: the committed CPU results used torchvision
 0.28.0's pure-Python models and transformers 5.25 (bench/saved.py says how
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import os
 import re
@@ -35,7 +40,7 @@ from common import open_results, put_result, run_child  # noqa: E402
 
 VISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121",
           "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16", "swin_t")
-LANGUAGE = ("gpt2", "bert", "llama", "phi3")
+LANGUAGE = ("gpt2", "gpt2-ckpt", "bert", "llama", "phi3")
 MiB = 1024**2
 
 
@@ -68,8 +73,11 @@ def _language_model(name: str) -> nn.Module:
     import transformers as T
 
     small = dict(vocab_size=1000, use_cache=False)
-    if name == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=128, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **small))
+    if name.startswith("gpt2"):
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=128, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **small))
+        if name == "gpt2-ckpt":
+            model.gradient_checkpointing_enable()
+        return model
     if name == "bert":
         cfg = T.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **small)
         return T.BertForMaskedLM(cfg)
@@ -89,8 +97,13 @@ def reason_class(reason: str) -> str:
 def coverage(name: str, backend: str, codec: str) -> dict:
     model, x, size = build(name)
     model.train()
+    for m in model.modules():  # NB: a compiled step draws other dropout masks than an eager one
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    plain = copy.deepcopy(model)
+    step(plain, x)
     module = fxcompress.compile(model, fxcompress.CompressConfig(codec=codec), backend=backend)
-    module(x).float().pow(2).mean().backward()
+    step(module, x)
     rows = [r for r in fxcompress.explain(module).rows if r.counted and not r.from_parameters]
     before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
     uncoded: collections.Counter = collections.Counter()
@@ -103,8 +116,19 @@ def coverage(name: str, backend: str, codec: str) -> dict:
         "model": name, "backend": backend, "codec": codec, "size": size,
         "saved_mib": [before / MiB, after / MiB],
         "uncoded_share": sum(uncoded.values()) / before if before else 0.0,
+        "grad_cosine": _cosine(plain, model),
         "uncoded": [{"reason": k, "tensors": count[k], "share": b / before} for k, b in uncoded.most_common(3)],
     }
+
+
+def step(module: nn.Module, x: torch.Tensor) -> None:
+    module(x).float().pow(2).mean().backward()
+
+
+def _cosine(a: nn.Module, b: nn.Module) -> float:
+    """Cosine similarity of the two models' weight gradients, all parameters as one vector."""
+    grads = [torch.cat([p.grad.flatten().double() for p in m.parameters() if p.grad is not None]) for m in (a, b)]
+    return float(torch.nn.functional.cosine_similarity(*grads, dim=0))
 
 
 def _available(name: str) -> bool:
@@ -129,7 +153,7 @@ def main() -> None:
         print("RESULT " + json.dumps(coverage(*args.child, args.codec)), flush=True)
         return
     results = open_results(args.out, "coverage", "cpu", " ".join(["python", *sys.argv]))
-    print(f"{'model':<20} {'backend':<9} {'saved MiB':>18} {'x':>6} {'uncoded':>8}  largest uncoded")
+    print(f"{'model':<20} {'backend':<9} {'saved MiB':>18} {'x':>6} {'uncoded':>8} {'grad cos':>9}  largest uncoded")
     for model in filter(_available, args.models):
         for backend in args.backends:
             print(f"[architectures] {model} / {backend} ...", file=sys.stderr, flush=True)
@@ -140,7 +164,7 @@ def main() -> None:
             (b, a), top = row["saved_mib"], row["uncoded"]
             first = f"{top[0]['share']:.1%} {top[0]['reason']}" if top else ""
             print(f"{model:<20} {backend:<9} {b:8.2f} -> {a:7.2f} {b / a if a else 0:6.2f} "
-                  f"{row['uncoded_share']:8.1%}  {first}", flush=True)
+                  f"{row['uncoded_share']:8.1%} {row['grad_cosine']:9.5f}  {first}", flush=True)
             put_result(args.out, results, "coverage", row, ("model", "backend", "codec"))
 
 

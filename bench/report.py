@@ -178,17 +178,19 @@ def _coverage(path: pathlib.Path, data: dict) -> str:
         f"Coverage across architectures (`{path.name}`, {_where(data['environment'])}; {_commands(data)}; "
         "fp32, small sizes: what each architecture's graphs save and what fxcompress does to each, "
         "not memory at scale). Activations = saved tensors but graph inputs and tensors made from "
-        "parameters alone; uncoded = their share stored as they are, with the largest reasons:",
+        "parameters alone; uncoded = their share stored as they are, with the largest reasons; grad cos = "
+        "the cosine similarity of the step's weight gradients to the plain model's, run eagerly, dropout off:",
         "",
-        "| model | size | backend | codec | activations MiB | × | uncoded | largest uncoded |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | size | backend | codec | activations MiB | × | uncoded | grad cos | largest uncoded |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["coverage"]:
         before, after = r["saved_mib"]
         why = "; ".join(f"{u['share']:.1%} {u['reason']} ({u['tensors']})" for u in r["uncoded"])
         lines.append(
             f"| {r['model']} | {r['size']} | {r['backend']} | {r['codec']} | {before:.2f} → {after:.2f} | "
-            f"{before / after if after else 0:.2f} | {r['uncoded_share']:.1%} | {why.replace('|', '/')} |"
+            f"{before / after if after else 0:.2f} | {r['uncoded_share']:.1%} | "
+            f"{'–' if r.get('grad_cosine') is None else format(r['grad_cosine'], '.5f')} | {why.replace('|', '/')} |"
         )
     return "\n".join(lines)
 
