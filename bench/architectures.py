@@ -11,7 +11,7 @@ model, the activations (all saved tensors but graph inputs and tensors made
 from parameters alone) before and after the codec, the share left uncoded,
 and the reasons of the largest uncoded groups, from ``fxcompress.explain``;
 and the cosine similarity of the step's weight gradients to the plain model's,
-run eagerly, dropout off in both (the codec's error and the compiler's
+run eagerly, dropout and stochastic depth off in both (the codec's error and the compiler's
 reordering together; a NaN gradient shows as ``nan``). ``gpt2-ckpt`` is GPT-2 with Hugging Face's gradient
 checkpointing, which saves its additive attention mask for the recomputation.
 Each run is a child process with empty compile caches. Models not importable
@@ -98,8 +98,8 @@ def coverage(name: str, backend: str, codec: str) -> dict:
     model, x, size = build(name)
     model.train()
     for m in model.modules():  # NB: a compiled step draws other dropout masks than an eager one
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
+        if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth":
+            m.p = 0.0  # NB: torchvision's stochastic depth (EfficientNet, ConvNeXt, Swin) drops whole rows
     plain = copy.deepcopy(model)
     step(plain, x)
     module = fxcompress.compile(model, fxcompress.CompressConfig(codec=codec), backend=backend)

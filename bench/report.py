@@ -179,7 +179,7 @@ def _coverage(path: pathlib.Path, data: dict) -> str:
         "fp32, small sizes: what each architecture's graphs save and what fxcompress does to each, "
         "not memory at scale). Activations = saved tensors but graph inputs and tensors made from "
         "parameters alone; uncoded = their share stored as they are, with the largest reasons; grad cos = "
-        "the cosine similarity of the step's weight gradients to the plain model's, run eagerly, dropout off:",
+        "the cosine similarity of the step's weight gradients to the plain model's, run eagerly, dropout and stochastic depth off:",
         "",
         "| model | size | backend | codec | activations MiB | × | uncoded | grad cos | largest uncoded |",
         "|---|---|---|---|---|---|---|---|---|",
