@@ -100,6 +100,10 @@ def coverage(name: str, backend: str, codec: str) -> dict:
     for m in model.modules():  # NB: a compiled step draws other dropout masks than an eager one
         if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth":
             m.p = 0.0  # NB: torchvision's stochastic depth (EfficientNet, ConvNeXt, Swin) drops whole rows
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():  # NB: ViT's zero-initialized head: no gradient would pass it
+                p.normal_(std=0.02)
     plain = copy.deepcopy(model)
     step(plain, x)
     module = fxcompress.compile(model, fxcompress.CompressConfig(codec=codec), backend=backend)
@@ -126,8 +130,11 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
 
 
 def _cosine(a: nn.Module, b: nn.Module) -> float:
-    """Cosine similarity of the two models' weight gradients, all parameters as one vector."""
+    """Cosine similarity of the two models' weight gradients, all parameters as one vector (NaN where
+    either is zero: undefined, not 0)."""
     grads = [torch.cat([p.grad.flatten().double() for p in m.parameters() if p.grad is not None]) for m in (a, b)]
+    if not all(g.any() for g in grads):
+        return float("nan")
     return float(torch.nn.functional.cosine_similarity(*grads, dim=0))
 
 

@@ -179,7 +179,9 @@ def _coverage(path: pathlib.Path, data: dict) -> str:
         "fp32, small sizes: what each architecture's graphs save and what fxcompress does to each, "
         "not memory at scale). Activations = saved tensors but graph inputs and tensors made from "
         "parameters alone; uncoded = their share stored as they are, with the largest reasons; grad cos = "
-        "the cosine similarity of the step's weight gradients to the plain model's, run eagerly, dropout and stochastic depth off:",
+        "the cosine similarity of the step's weight gradients to the plain model's, run eagerly, dropout and stochastic depth off "
+        "(one step at these small batches: a check that the step is sound, stochastic rounding's noise included; "
+        "how training ends is the fidelity runs' measure):",
         "",
         "| model | size | backend | codec | activations MiB | × | uncoded | grad cos | largest uncoded |",
         "|---|---|---|---|---|---|---|---|---|",
