@@ -105,9 +105,9 @@ def coverage(name: str, backend: str, codec: str) -> dict:
             if p.dim() >= 2 and not p.any():  # NB: ViT's zero-initialized head: no gradient would pass it
                 p.normal_(std=0.02)
     plain = copy.deepcopy(model)
-    step(plain, x)
+    _step(plain, x)
     module = fxcompress.compile(model, fxcompress.CompressConfig(codec=codec), backend=backend)
-    step(module, x)
+    _step(module, x)
     rows = [r for r in fxcompress.explain(module).rows if r.counted and not r.from_parameters]
     before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
     uncoded: collections.Counter = collections.Counter()
@@ -125,7 +125,7 @@ def coverage(name: str, backend: str, codec: str) -> dict:
     }
 
 
-def step(module: nn.Module, x: torch.Tensor) -> None:
+def _step(module: nn.Module, x: torch.Tensor) -> None:
     module(x).float().pow(2).mean().backward()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Codec", "Layout", "predicate_values", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes", "unpack_slices"]
+__all__ = ["Codec", "Layout", "predicate_values", "select_values", "pack_bits", "unpack_bits", "pack_codes", "pack_slices", "unpack_codes", "unpack_slices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,11 @@ def predicate_values(predicate, truth: torch.Tensor, dtype: torch.dtype,
         v_true, v_false = -big, near[0]
     else:
         v_true, v_false = (-big, big) if predicate.kind in ("le", "lt") else (big, -big)
+    return select_values(truth, v_true, v_false, dtype)
+
+
+def select_values(truth: torch.Tensor, v_true: float, v_false: float, dtype: torch.dtype) -> torch.Tensor:
+    """``truth`` (bool) as ``dtype`` values: ``v_true`` where it is set, else ``v_false``."""
     return torch.where(truth, torch.scalar_tensor(v_true, dtype=dtype, device=truth.device),
                        torch.scalar_tensor(v_false, dtype=dtype, device=truth.device))
 

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .base import Codec, Layout, pack_bits, pack_codes, unpack_bits, unpack_codes
+from .base import Codec, Layout, pack_bits, pack_codes, select_values, unpack_bits, unpack_codes
 from .uses import Predicate
 
 __all__ = ["BitMask", "PredicateMask", "Select", "ShapeOnly", "NarrowInt", "PackedInt", "narrowest_int", "packed_bits"]
@@ -89,10 +89,7 @@ class Select(Codec):
 
 def _select(lay: Layout, packed: torch.Tensor, v_true: float, v_false: float) -> torch.Tensor:
     """1-bit ``packed`` as ``lay``'s tensor: ``v_true`` where a bit is set, else ``v_false``."""
-    bits = lay.unflatten(unpack_bits(packed, lay.numel))
-    hi = torch.scalar_tensor(v_true, dtype=lay.dtype, device=lay.device)
-    lo = torch.scalar_tensor(v_false, dtype=lay.dtype, device=lay.device)
-    return torch.where(bits, hi, lo)
+    return select_values(lay.unflatten(unpack_bits(packed, lay.numel)), v_true, v_false, lay.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,8 +211,10 @@ def _two_constants(node: fx.Node) -> tuple[float, float] | None:
     if node.op != "call_function" or node.target not in _SELECTS:
         return None
     dtype = node.meta["val"].dtype
+    if not dtype.is_floating_point:
+        return None
     values = [_constant(arg) for arg in node.args[1:3]]
-    if not dtype.is_floating_point or any(v is None for v in values):
+    if any(v is None for v in values):
         return None
     a, b = (v.to(dtype).item() for v in values)
     if a == b or (math.isnan(a) and math.isnan(b)):
