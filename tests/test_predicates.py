@@ -1,5 +1,6 @@
 """save_predicates: comparisons the backward makes of recomputed values are saved exact."""
 import copy
+import math
 
 import pytest
 import torch
@@ -25,14 +26,16 @@ class _NormAct(torch.nn.Module):
     batch-norm bias's gradient is the sum of the weights the activation's mask lets through.
     ``branch``: a 1x1 convolution reads the batch-norm output too, so it is saved, and the backward
     compares the saved tensor itself (``le(y, 0) | ge(y, 6)`` for a ReLU6: two predicates).
+    ``shape``: the batch-norm output's; at 2x8x2x2 min-cut recomputes the batch-norm's statistics
+    (``var_mean``) in the backward too.
     """
 
-    def __init__(self, act: torch.nn.Module, branch: bool = False) -> None:
+    def __init__(self, act: torch.nn.Module, branch: bool = False, shape: tuple = (4, 8, 8, 8)) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(8)
         self.act = act
-        self.weight = torch.nn.Parameter(torch.randn(4, 8, 8, 8))
+        self.weight = torch.nn.Parameter(torch.randn(shape))
         self.branch = torch.nn.Conv2d(8, 4, 1) if branch else None
 
     def forward(self, x):
@@ -41,16 +44,19 @@ class _NormAct(torch.nn.Module):
         return out if self.branch is None else out + self.branch(y).sum()
 
 
-@pytest.mark.parametrize("act, branch", [(a, False) for a in sorted(ACTIVATIONS)] + [("relu6", True)])
-def test_an_activation_mask_stays_exact_under_a_lossy_codec(act, branch):
+@pytest.mark.parametrize("act, branch, shape", [(a, False, (4, 8, 8, 8)) for a in sorted(ACTIVATIONS)]
+                         + [("relu6", True, (4, 8, 8, 8)), ("relu", False, (2, 8, 2, 2)),
+                            ("hardtanh", False, (2, 8, 2, 2))])
+def test_an_activation_mask_stays_exact_under_a_lossy_codec(act, branch, shape):
     torch.manual_seed(0)
-    model, x = _NormAct(ACTIVATIONS[act](), branch), torch.randn(4, 3, 8, 8) * 3
+    n, _, h, w = shape
+    model, x = _NormAct(ACTIVATIONS[act](), branch, shape), torch.randn(n, 3, h, w) * 3
     reference = copy.deepcopy(model)
     reference(x).backward()
     plain_saved = None
     for codec in ("none", "int2"):
         compressed = copy.deepcopy(model)
-        cm = fxcompress.compile(compressed, fxcompress.CompressConfig(codec=codec), backend="inductor")
+        cm = fxcompress.compile(compressed, fxcompress.CompressConfig(codec=codec, min_bytes=0), backend="inductor")
         cm(x).backward()
         report = fxcompress.explain(cm)
         plain_saved = plain_saved or report.saved_bytes_before
@@ -58,7 +64,7 @@ def test_an_activation_mask_stays_exact_under_a_lossy_codec(act, branch):
     # decoded batch-norm input flipped dozens of them before save_predicates.
     torch.testing.assert_close(compressed.bn.bias.grad, reference.bn.bias.grad, rtol=1e-5, atol=1e-4)
     (mask,) = [r for r in report.rows if r.codec == "bitmask"]
-    assert (mask.bytes_before, mask.bytes_after) == (0, 4 * 8 * 8 * 8 // 8)
+    assert (mask.bytes_before, mask.bytes_after) == (0, math.prod(shape) // 8)
     assert "recomputed values" in mask.reason
     assert report.saved_bytes_before == plain_saved  # what plain torch.compile saves
 

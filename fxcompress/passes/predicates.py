@@ -19,6 +19,11 @@ into the forward, where the values are exact, and saves its bool result
     fw:  mask  = le(bn', 0) | ge(bn', 6)                   saved
     bw:  grad  = where(mask, 0, g)
 
+Where min-cut recomputes the batch-norm's statistics as well (a ``var_mean``
+of the saved convolution output, as it does for small feature maps), the
+comparison moves with them: the forward's own ``var_mean`` computes it, none
+is added.
+
 A recomputation that other ops read as values stays in the backward (those
 reads are the codec's approximation, with its bound). One comparison made
 directly of a saved tensor is not moved: the codecs keep it exact in the
@@ -29,6 +34,7 @@ Inductor's decompositions write it): a code keeps one predicate.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
@@ -43,6 +49,9 @@ aten = torch.ops.aten
 
 _COMPARES = frozenset({aten.le, aten.lt, aten.ge, aten.gt, aten.eq, aten.ne})
 _CONSTANTS = frozenset({aten.full.default, aten.scalar_tensor.default})
+# NB: a norm's statistics, which min-cut may recompute in the backward too (RegNetY's 2x2 maps at
+# batch 2): a mask of a recomputed norm output is only movable with them.
+_STATISTICS = frozenset({aten.var_mean.correction, aten.var.correction})
 
 
 def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
@@ -103,8 +112,8 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
 
 
 def _forward_computable(bw: fx.GraphModule, source: dict[fx.Node, fx.Node]) -> set[fx.Node]:
-    """Backward nodes the forward could compute: saved tensors and what elementwise ops,
-    views and constants make of them alone (nothing that reads a gradient)."""
+    """Backward nodes the forward could compute: saved tensors and what elementwise ops, views,
+    constants and normalization statistics make of them alone (nothing that reads a gradient)."""
     computable = set(source)
     for node in bw.graph.nodes:
         if node.op == "call_function" and _recomputable(node) and all(
@@ -116,11 +125,13 @@ def _forward_computable(bw: fx.GraphModule, source: dict[fx.Node, fx.Node]) -> s
 
 def _recomputable(node: fx.Node) -> bool:
     target = node.target
+    if target is operator.getitem:
+        return getattr(node.args[0], "target", None) in _STATISTICS  # a statistic's mean or variance
     if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
         return False
     if torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    return elementwise(node) or target in VIEW_OPS or target in _CONSTANTS
+    return elementwise(node) or target in VIEW_OPS or target in _CONSTANTS or target in _STATISTICS
 
 
 def _is_bool(node: fx.Node) -> bool:
