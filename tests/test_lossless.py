@@ -152,6 +152,32 @@ def test_an_additive_mask_of_minus_inf_is_stored_as_one_bit_exactly(codec):
     assert "a select of two constants (0, -inf)" in row.reason
 
 
+class _CheckpointedDropoutAttention(torch.nn.Module):
+    """Attention with dropout under activation checkpointing: the checkpoint saves the random
+    generator's state, for the recomputation to draw the same dropout mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def block(self, x):
+        return torch.nn.functional.scaled_dot_product_attention(*self.qkv(x).chunk(3, -1), dropout_p=0.3)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int4"])
+def test_a_checkpointed_random_op_keeps_its_generator_state_whole(codec):
+    torch.manual_seed(0)
+    model, x = _CheckpointedDropoutAttention(), torch.randn(4, 8, 16)
+    ref = train_step(model, x, compressed("none"))
+    got = train_step(model, x, compressed(codec))
+    assert_grads_equal(ref.grads, got.grads)  # the same mask drawn, the block recomputed
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.dtype == "uint8"]
+    assert row.codec == "none" and "random generator's state" in row.reason
+
+
 def test_channels_last_inputs_stay_bit_identical():
     model, x = make_model("resnet")
     model = model.to(memory_format=torch.channels_last)

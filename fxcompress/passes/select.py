@@ -28,7 +28,8 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    mask of 0 and -inf): :class:`Select`, 1 bit per element, exact (a
    lossy code of a group holding -inf would decode to NaN).
 10. Read as values by an op that needs them exact (normalization
-    statistics, attention's log-sum-exp), a normalization statistic the
+    statistics, attention's log-sum-exp), a random generator's state
+    saved for a checkpointed recomputation, a normalization statistic the
     graph computes itself (a decomposed norm's ``var_mean``: Inductor's
     graphs), or computed from parameters alone
     (autocast's low-precision weight copy, which input gradients read, so an
@@ -150,6 +151,9 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
     if exact:
         ops = ", ".join(sorted({u.op for u in exact}))
         return Decision(None, f"read by {ops}, which needs exact values")
+    if _is_rng_state(saved.fw_node):
+        return Decision(None, "a random generator's state, saved for a recomputation (activation checkpointing) "
+                              "to draw the same numbers: read whole")
     statistic = _statistic_of(saved.fw_node)
     if statistic is not None:
         return Decision(None, f"a normalization statistic (from {statistic}), which needs exact values")
@@ -248,6 +252,13 @@ def _unread(saved: SavedTensor) -> str:
         # capture.drop_unread_running_stats
         return "a batch norm's updated running statistic, which its training-mode backward never reads"
     return "no longer read: the backward's comparisons of it are saved"  # save_predicates
+
+
+def _is_rng_state(node: fx.Node) -> bool:
+    """Whether ``node`` is the generator state that ``run_and_save_rng_state`` saved (checkpointed random ops)."""
+    saver = getattr(torch.ops.higher_order, "run_and_save_rng_state", None)
+    return (node.target is operator.getitem and node.args[1] == 0
+            and getattr(node.args[0], "target", None) is saver is not None)
 
 
 def _statistic_of(node: fx.Node) -> str | None:
