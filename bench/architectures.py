@@ -17,7 +17,7 @@ checkpointing, which saves its additive attention mask for the recomputation.
 Each run is a child process with empty compile caches. Models not importable
 here are skipped with a message: the committed CPU results used torchvision
 0.28.0's pure-Python models and transformers 5.25 (bench/saved.py says how
-they were installed beside the CPU torch wheel).
+they were installed beside the CPU torch wheel) and timm 1.0.31 (``pip install --no-deps timm==1.0.31``).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from common import open_results, put_result, run_child  # noqa: E402
 VISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121",
           "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16", "swin_t")
 LANGUAGE = ("gpt2", "gpt2-ckpt", "bert", "llama", "phi3")
+TIMM = ("repvgg_a0",)  # a batch-norm on each block's input beside its convolutions (the identity branch)
 MiB = 1024**2
 
 
@@ -63,6 +64,10 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, str]:
         return model, torch.randn(2, 3, 64, 64), "batch 2, 64x64"
     if name in LANGUAGE:
         return _Logits(_language_model(name)), torch.randint(0, 1000, (2, 64)), "2 layers, width 128, batch 2x64"
+    if name in TIMM:
+        import timm
+
+        return timm.create_model(name), torch.randn(2, 3, 64, 64), "batch 2, 64x64"
     from fxcompress.models import ZOO  # the test zoo: CPU smoke runs of this script
 
     model = ZOO[name]()
@@ -139,7 +144,8 @@ def _cosine(a: nn.Module, b: nn.Module) -> float:
 
 
 def _available(name: str) -> bool:
-    module = "torchvision" if name in VISION else "transformers" if name in LANGUAGE else "fxcompress"
+    module = ("torchvision" if name in VISION else "transformers" if name in LANGUAGE else "timm" if name in TIMM
+              else "fxcompress")
     try:
         __import__(module)
     except ImportError:
@@ -150,7 +156,7 @@ def _available(name: str) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=[*VISION, *LANGUAGE])
+    p.add_argument("--models", nargs="+", default=[*VISION, *LANGUAGE, *TIMM])
     p.add_argument("--backends", nargs="+", default=["eager", "inductor"], choices=["eager", "inductor"])
     p.add_argument("--codec", default="int4")
     p.add_argument("--out", help="results JSON to add rows to (key 'coverage')")

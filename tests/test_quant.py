@@ -507,6 +507,31 @@ def test_normalized_codes_bound_the_error_of_every_row_in_its_own_spread(inner):
         assert plain_hat[:, 0].max() > 50 * limit  # what the narrow row got before
 
 
+def test_a_masked_normalized_code_keeps_a_relus_mask_and_each_channels_spread():
+    """A ReLU output that a batch-norm reads as its input: coded in the norm's space (``Normalized``)
+    with the exact 1-bit mask beside it (``MaskedLossy``), the mask decodes exactly, every error is
+    within the bound, and a narrow channel's ``xhat`` keeps a fraction of its spread."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 16, 4, 4) + 0.3) * torch.logspace(-3, 1, 16)[:, None, None]
+    mean = x.mean((0, 2, 3), keepdim=True)
+    rstd = (x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    relu = Predicate("le", (0.0,))
+    for stochastic in (True, False):
+        inner = Normalized(GroupAffine(Layout.of(x), 4, 256, stochastic), x.dtype, tuple(mean.shape))
+        codec = MaskedLossy(inner, relu, relu.near_values(x.dtype))
+        parts = codec.encode(x, mean, rstd)
+        got = codec.decode(*parts)
+        assert codec.name == ("int4" if stochastic else "int4/det") + "/normalized+mask[le(0)]"
+        assert sum(p.numel() * p.element_size() for p in parts) == inner.nbytes() + x.numel() // 8
+        assert torch.equal(got <= 0, x <= 0) and torch.equal(codec.decode_predicate(*parts) <= 0, x <= 0)
+        assert ((got - x).abs() <= codec.max_error(x, mean, rstd)).all()
+        err_hat = (got - x) * rstd
+        assert err_hat.abs().max() < 0.5 and err_hat.pow(2).mean().sqrt() < 0.15  # fractions of each channel's spread
+    plain = GroupAffine(Layout.of(x), 4, 256, False)  # NB: a group spans 16 channels of these 4x4 maps
+    # what they got before: the narrow channels round to 0, an xhat error about their whole spread
+    assert ((plain.decode(*plain.encode(x)) - x) * rstd).pow(2).mean().sqrt() > 0.5
+
+
 def test_a_normalized_codes_centered_decode_is_its_decode_less_the_mean():
     """``decode_centered`` gives ``x' - mean`` from the codes and ``rstd`` alone, as ``xhat' / rstd``."""
     x, mean, rstd = _rows_of_unequal_spread()
@@ -663,3 +688,35 @@ def test_a_norm_input_is_coded_normalized_on_both_backends(backend):
     (row,) = [r for r in fxcompress.explain(got.module).rows if r.name == "cat"]
     assert row.codec == "int4/normalized" and "normalized input" in row.reason
     assert grads_cosine(exact.grads, got.grads) > 0.99
+
+
+class _IdentityNorm(torch.nn.Module):
+    """RepVGG's block at small maps: a ReLU output ``h`` read by a convolution and by a batch-norm
+    (the identity branch), its channels of spreads 1000x apart; each 256-element group of these 4x4
+    maps spans 16 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.identity = torch.nn.BatchNorm2d(32)
+        with torch.no_grad():
+            self.conv1.weight *= torch.logspace(-2, 1, 32)[:, None, None, None]
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        return self.conv2(h) + self.identity(h)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_relu_output_that_a_norm_reads_is_coded_in_the_norms_space_with_its_mask(backend):
+    """Coded in plain groups (``+clamped``), the narrow channels' ``xhat`` was lost and the identity
+    norm's input gradient took ``conv1``'s weight gradient 4x (eager) and 1500x (Inductor, which
+    also recomputes the statistics from the decoded values) off its size."""
+    torch.manual_seed(0)
+    model, x = _IdentityNorm(), torch.randn(2, 3, 4, 4)
+    exact = train_step(model, x, compressed("none", backend))
+    got = train_step(model, x, compressed("int4", backend, stochastic_rounding=False))
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.name == "relu"]
+    assert row.codec == "int4/det/normalized+mask[le(0)]" and "normalized input" in row.reason
+    error = (got.grads["conv1.weight"] - exact.grads["conv1.weight"]).norm() / exact.grads["conv1.weight"].norm()
+    assert error < 0.3  # 0.12 on both backends

@@ -440,6 +440,10 @@ class MaskedLossy(Codec):
     error stays within the quantizer's bound ``B``. For a two-sided predicate
     (hardtanh's ``outside(lo, hi)``) the bit does not say which side, and the
     nearer edge may be the wrong one: the bound is then ``2 B``.
+
+    ``inner`` may take more forward inputs than ``x`` (:class:`Normalized`: a ReLU output
+    that a batch-norm reads too, RepVGG's identity branch); ``encode`` and ``max_error``
+    pass them on, and the predicate is ``x``'s own.
     """
 
     inner: Codec
@@ -452,9 +456,9 @@ class MaskedLossy(Codec):
     def name(self) -> str:
         return f"{self.inner.name}+mask[{self.predicate}]"
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, x: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lay = self.inner.layout
-        return (*self.inner.encode(x), pack_bits(self.predicate(lay.flatten(x))))
+        return (*self.inner.encode(x, *extra), pack_bits(self.predicate(lay.flatten(x))))
 
     def decode(self, *parts: torch.Tensor) -> torch.Tensor:
         q = self.inner.decode(*parts[:-1])
@@ -468,8 +472,8 @@ class MaskedLossy(Codec):
         lay = self.inner.layout
         return lay.unflatten(unpack_bits(packed, lay.numel))
 
-    def max_error(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.max_error(x) * (2 if self.predicate.two_sided else 1)
+    def max_error(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return self.inner.max_error(x, *extra) * (2 if self.predicate.two_sided else 1)
 
 
 _LOW_SIDE = {"le": True, "lt": True, "ge": False, "gt": False}

@@ -42,7 +42,9 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
     (:class:`ClampedAffine`, unbiased, no extra bytes); otherwise, with
     rounding to nearest and a one-sided predicate, by the integer codes
     themselves (:class:`SplitAffine`); otherwise by a 1-bit mask stored
-    beside the codes (:class:`MaskedLossy`; unbiased);
+    beside the codes (:class:`MaskedLossy`; unbiased). A norm's input is
+    coded in the norm's space (:class:`Normalized`), with a 1-bit mask for
+    its predicate if it has one (a ReLU output a batch-norm reads: RepVGG);
     without a per-group codec, keep, naming the op that reads the values.
     A reader that needs more bits (fused attention's q and k: 8) raises
     the codec to an integer code of that many bits.
@@ -530,7 +532,7 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
     else:
         inner = _group_affine(layout, LOSSY_BITS[codec], config)
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
-    norm = None if predicates else _normalization_of(saved.fw_node)
+    norm = None if len(predicates) > 1 else _normalization_of(saved.fw_node)
     shift = () if predicates or norm is not None else _shift_into_norm(saved)
     if norm is not None or shift:
         name, mean, rstd, repeat = norm or shift[1]
@@ -544,12 +546,23 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
         if isinstance(inner, GroupAffine) and inner.kernel and codec.kernel_index() is None:
             codec = dataclasses.replace(codec, inner=dataclasses.replace(inner, kernel=False))
         why = f"values read by {ops}; coded as {name}'s normalized input" + (f", minus {shift[0].name}" if shift else "")
+        if predicates:
+            # NB: a ReLU output that a norm reads too (RepVGG's identity branch): codes on one scale
+            # per channel matter more than the reserved code's saved bit. Where a group spanned
+            # channels (small maps), a low-spread channel's xhat was off by a large part of itself,
+            # and no branch of such a block has an exact backward, so the errors compounded over the
+            # blocks (RepVGG-A0 int4, one step: gradient cosine 0.23 to exact).
+            (predicate,) = predicates
+            near = _near_values(predicate, saved.dtype)
+            if near is not None:
+                return Decision(MaskedLossy(codec, predicate, near), f"{why}; {predicate} kept exact",
+                                extra_inputs=(mean, rstd))
+            return Decision(codec, f"{why}; no {saved.dtype} values around {predicate}", extra_inputs=(mean, rstd))
         return Decision(codec, why, extra_inputs=(mean, rstd, *shift[:1]))
     if len(predicates) == 1:
         (predicate,) = predicates
-        try:
-            near = predicate.near_values(saved.dtype)
-        except ValueError:
+        near = _near_values(predicate, saved.dtype)
+        if near is None:
             return Decision(inner, f"values read by {ops}; no {saved.dtype} values around {predicate}")
         if isinstance(inner, GroupAffine) and CLAMPED_CODES and predicate == _clamp_predicate(saved.fw_node):
             return Decision(ClampedAffine(inner, predicate, near),
@@ -558,6 +571,14 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
             return Decision(SplitAffine(inner, predicate, near), f"values read by {ops}; {predicate} kept exact by the codes")
         return Decision(MaskedLossy(inner, predicate, near), f"values read by {ops}; {predicate} kept exact")
     return Decision(inner, f"values read by {ops}")
+
+
+def _near_values(predicate: Predicate, dtype: torch.dtype) -> tuple[float, float] | None:
+    """:meth:`Predicate.near_values` of ``dtype``, or ``None`` where the dtype has none."""
+    try:
+        return predicate.near_values(dtype)
+    except ValueError:
+        return None
 
 
 def _group_affine(layout: Layout, bits: int, config: CompressConfig) -> GroupAffine:
