@@ -40,6 +40,7 @@ __all__ = [
     "SPLIT_OPS",
     "view_parent",
     "view_root",
+    "is_normalizer",
     "uses_of",
     "terminal_users",
 ]
@@ -301,6 +302,22 @@ def _exact(node: fx.Node) -> Use:
     return ExactUse(_op_name(node))
 
 
+def _divisor(node: fx.Node) -> Use | None:
+    # NB: an absolute error e in a divisor y moves x / y by e / y of itself: unbounded where y is
+    # small against its group's range (a linear attention's normalizer, q . sum(k) + eps, is
+    # near eps in places), and the backward divides by y twice (-g x / y^2). Only a divisor that
+    # broadcasts (a normalizer, smaller than the quotient) is kept: an elementwise one may be a
+    # whole activation (x / (1 + exp(-x))), and is coded as values.
+    return ExactUse(f"{_op_name(node)} (as the divisor)") if is_normalizer(node.args[1], node) else None
+
+
+def is_normalizer(divisor: object, div: fx.Node) -> bool:
+    """Whether ``divisor`` is the divisor of ``div`` (``div.Tensor``) and broadcasts to a larger quotient."""
+    y, out = getattr(divisor, "meta", {}).get("val"), div.meta.get("val")
+    return (div.target is aten.div.Tensor and len(div.args) > 1 and div.args[1] is divisor
+            and isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and y.numel() < out.numel())
+
+
 # (op, argument position) -> how the op reads that argument; None from the
 # function means "not in a form we can prove anything about" (values).
 _ARG_USES: dict[tuple[object, int], Callable[[fx.Node], Use | None]] = {
@@ -317,6 +334,7 @@ _ARG_USES: dict[tuple[object, int], Callable[[fx.Node], Use | None]] = {
     (aten.max_pool3d_with_indices_backward.default, 7): _pool_indices(3),
     (aten.embedding_dense_backward.default, 1): _embedding_indices,
     (torch.ops.prims._low_memory_max_pool_offsets_to_indices.default, 0): _pool_offsets,
+    (aten.div.Tensor, 1): _divisor,
 }
 for _op in _SHAPE_ONLY_OPS:
     _ARG_USES[(_op, 0)] = _shape

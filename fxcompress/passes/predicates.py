@@ -24,6 +24,11 @@ of the saved convolution output, as it does for small feature maps), the
 comparison moves with them: the forward's own ``var_mean`` computes it, none
 is added.
 
+A divisor that broadcasts (a normalizer: a linear attention's ``q . sum(k) +
+eps``) recomputed from such values is saved the same way, exact: an error of
+a step of its group's range in a divisor near ``eps`` moved the quotient's
+gradients by many times their size (``uses`` keeps a saved one exact).
+
 A recomputation that other ops read as values stays in the backward (those
 reads are the codec's approximation, with its bound). One comparison made
 directly of a saved tensor is not moved: the codecs keep it exact in the
@@ -39,7 +44,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..codecs.uses import VIEW_OPS, view_root
+from ..codecs.uses import VIEW_OPS, is_normalizer, view_root
 from ..ir import META_KEY, elementwise, graph_module, saved_pairs
 from .splice import copy_node
 
@@ -94,15 +99,18 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
 
 def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
     """The backward's bools to save: computable in the forward, read by the backward's own work,
-    and comparing a recomputed value of a tensor that a lossy codec may encode."""
+    and comparing a recomputed value of a tensor that a lossy codec may encode; and the
+    normalizers it divides by (a divisor that broadcasts), recomputed from such a tensor."""
     _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
     source = dict(zip(placeholders, tensors, strict=True))
     fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
     computable = _forward_computable(bw, source)
     return [n for n in bw.graph.nodes
-            if n in computable and n not in source and _is_bool(n)
-            and any(u not in computable for u in n.users)
-            and _compares_recomputed(n, computable, source, fw_inputs)]
+            if n in computable and n not in source and (
+                (_is_bool(n) and any(u not in computable for u in n.users)
+                 and _compares_recomputed(n, computable, source, fw_inputs))
+                or (any(is_normalizer(n, u) for u in n.users)
+                    and _reads_encodable(_cone(n, computable, source), source, fw_inputs)))]
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
@@ -161,10 +169,13 @@ def _compares_recomputed(
     if _compares(mask) and all(view_root(a) in source for a in mask.args if isinstance(a, fx.Node)):
         return False
     cone = _cone(mask, computable, source)
-    return any(_compares(n) for n in cone) and any(
-        n in source and n.meta["val"].is_floating_point() and view_root(source[n]) not in fw_inputs
-        for n in cone
-    )
+    return any(_compares(n) for n in cone) and _reads_encodable(cone, source, fw_inputs)
+
+
+def _reads_encodable(cone: set[fx.Node], source: dict[fx.Node, fx.Node], fw_inputs: frozenset[fx.Node]) -> bool:
+    """Whether ``cone`` holds a saved floating-point tensor that a lossy codec may encode (not a graph input)."""
+    return any(n in source and n.meta["val"].is_floating_point() and view_root(source[n]) not in fw_inputs
+               for n in cone)
 
 
 def _compares(node: fx.Node) -> bool:

@@ -28,7 +28,8 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
    mask of 0 and -inf): :class:`Select`, 1 bit per element, exact (a
    lossy code of a group holding -inf would decode to NaN).
 10. Read as values by an op that needs them exact (normalization
-    statistics, attention's log-sum-exp), a random generator's state
+    statistics, attention's log-sum-exp, a divisor that broadcasts: a
+    normalizer such as a linear attention's), a random generator's state
     saved for a checkpointed recomputation, a normalization statistic the
     graph computes itself (a decomposed norm's ``var_mean``: Inductor's
     graphs), or computed from parameters alone
