@@ -61,8 +61,9 @@ _STATISTICS = frozenset({aten.var_mean.correction, aten.var.correction})
 
 def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
                     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """A forward that computes and saves each bool the backward derives from recomputed values,
-    and a backward that reads it; ``fw`` and ``bw`` themselves where there is none.
+    """A forward that computes and saves each bool the backward derives from recomputed values
+    (and each normalizer it divides by), and a backward that reads it; ``fw`` and ``bw``
+    themselves where there is none.
 
     The new saved tensors follow the others (AOTAutograd's calling convention).
     The graphs given are not changed; a saved tensor that the backward no longer
@@ -105,12 +106,16 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
     source = dict(zip(placeholders, tensors, strict=True))
     fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
     computable = _forward_computable(bw, source)
-    return [n for n in bw.graph.nodes
-            if n in computable and n not in source and (
-                (_is_bool(n) and any(u not in computable for u in n.users)
-                 and _compares_recomputed(n, computable, source, fw_inputs))
-                or (any(is_normalizer(n, u) for u in n.users)
-                    and _reads_encodable(_cone(n, computable, source), source, fw_inputs)))]
+
+    def mask(n: fx.Node) -> bool:
+        return (_is_bool(n) and any(u not in computable for u in n.users)
+                and _compares_recomputed(n, computable, source, fw_inputs))
+
+    def normalizer(n: fx.Node) -> bool:
+        return (any(is_normalizer(n, u) for u in n.users)
+                and _reads_encodable(_cone(n, computable, source), source, fw_inputs))
+
+    return [n for n in bw.graph.nodes if n in computable and n not in source and (mask(n) or normalizer(n))]
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
