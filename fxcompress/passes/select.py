@@ -547,7 +547,7 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
         if isinstance(inner, GroupAffine) and inner.kernel and codec.kernel_index() is None:
             codec = dataclasses.replace(codec, inner=dataclasses.replace(inner, kernel=False))
         why = f"values read by {ops}; coded as {name}'s normalized input" + (f", minus {shift[0].name}" if shift else "")
-        if predicates:
+        if predicates:  # NB: then there is no shift
             # NB: a ReLU output that a norm reads too (RepVGG's identity branch): codes on one scale
             # per channel matter more than the reserved code's saved bit. Where a group spanned
             # channels (small maps), a low-spread channel's xhat was off by a large part of itself,
@@ -555,10 +555,10 @@ def _lossy(saved: SavedTensor, layout: Layout, uses: list, ops: str, config: Com
             # blocks (RepVGG-A0 int4, one step: gradient cosine 0.23 to exact).
             (predicate,) = predicates
             near = _near_values(predicate, saved.dtype)
-            if near is not None:
-                return Decision(MaskedLossy(codec, predicate, near), f"{why}; {predicate} kept exact",
-                                extra_inputs=(mean, rstd))
-            return Decision(codec, f"{why}; no {saved.dtype} values around {predicate}", extra_inputs=(mean, rstd))
+            if near is None:
+                why = f"{why}; no {saved.dtype} values around {predicate}"
+            else:
+                codec, why = MaskedLossy(codec, predicate, near), f"{why}; {predicate} kept exact"
         return Decision(codec, why, extra_inputs=(mean, rstd, *shift[:1]))
     if len(predicates) == 1:
         (predicate,) = predicates
