@@ -27,7 +27,11 @@ is added.
 A divisor that broadcasts (a normalizer: a linear attention's ``q . sum(k) +
 eps``) recomputed from such values is saved the same way, exact: an error of
 a step of its group's range in a divisor near ``eps`` moved the quotient's
-gradients by many times their size (``uses`` keeps a saved one exact).
+gradients by many times their size (``uses`` keeps a saved one exact). And
+where the backward recomputes a quotient by such a normalizer from a saved
+numerator (``-g * (num / den) / den``), the quotient is saved instead: the
+numerator's codes' error would grow by ``1 / den``, the quotient's (a linear
+attention's output, a weighted mean of ``v``) stays in proportion to it.
 
 A recomputation that other ops read as values stays in the backward (those
 reads are the codec's approximation, with its bound). One comparison made
@@ -44,7 +48,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..codecs.uses import VIEW_OPS, is_normalizer, view_root
+from ..codecs.uses import VIEW_OPS, is_normalizer, terminal_users, view_root
 from ..ir import META_KEY, elementwise, graph_module, saved_pairs
 from .splice import copy_node
 
@@ -62,8 +66,8 @@ _STATISTICS = frozenset({aten.var_mean.correction, aten.var.correction})
 def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
                     ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """A forward that computes and saves each bool the backward derives from recomputed values
-    (and each normalizer it divides by), and a backward that reads it; ``fw`` and ``bw``
-    themselves where there is none.
+    (and each normalizer it divides by, and each quotient by one), and a backward that reads it;
+    ``fw`` and ``bw`` themselves where there is none.
 
     The new saved tensors follow the others (AOTAutograd's calling convention).
     The graphs given are not changed; a saved tensor that the backward no longer
@@ -101,7 +105,8 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
 def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
     """The backward's bools to save: computable in the forward, read by the backward's own work,
     and comparing a recomputed value of a tensor that a lossy codec may encode; and the
-    normalizers it divides by (a divisor that broadcasts), recomputed from such a tensor."""
+    normalizers it divides by (a divisor that broadcasts), recomputed from such a tensor, and its
+    quotients by one of a saved tensor (or view of one) that a lossy codec may encode."""
     _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
     source = dict(zip(placeholders, tensors, strict=True))
     fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
@@ -115,7 +120,22 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
         return (any(is_normalizer(n, u) for u in n.users)
                 and _reads_encodable(_cone(n, computable, source), source, fw_inputs))
 
-    return [n for n in bw.graph.nodes if n in computable and n not in source and (mask(n) or normalizer(n))]
+    def quotient(n: fx.Node) -> bool:
+        numerator = n.args[0] if n.target is aten.div.Tensor else None
+        return (isinstance(numerator, fx.Node) and view_root(numerator) in source and is_normalizer(n.args[1], n)
+                and _reads_encodable({view_root(numerator)}, source, fw_inputs))
+
+    candidates = [n for n in bw.graph.nodes if n in computable and n not in source]
+    moved = {n for n in candidates if mask(n) or normalizer(n)}
+    quotients = {n for n in candidates if quotient(n)}
+    # NB: only where nothing else reads the numerator, which then stores nothing: beside it, the
+    # quotient's codes would add memory
+    def numerator_unread(q: fx.Node) -> bool:
+        return set(terminal_users(view_root(q.args[0]))) <= moved | quotients
+
+    while not all(map(numerator_unread, quotients)):
+        quotients = set(filter(numerator_unread, quotients))
+    return [n for n in candidates if n in moved or n in quotients]
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:

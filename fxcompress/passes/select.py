@@ -48,7 +48,9 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
     its predicate if it has one (a ReLU output a batch-norm reads: RepVGG);
     without a per-group codec, keep, naming the op that reads the values.
     A reader that needs more bits (fused attention's q and k: 8) raises
-    the codec to an integer code of that many bits.
+    the codec to an integer code of that many bits. (A quotient by a
+    normalizer that ``save_predicates`` saved in place of its numerator is
+    coded so too; its reason says so.)
 12. Read only for its shape: :class:`ShapeOnly`.
 13. Read only through one predicate (and shapes): :class:`PredicateMask`.
 14. Integer read only as bounded indices: :class:`NarrowInt`.
@@ -166,7 +168,11 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
                               "input gradients read it, so it stays exact")
     if values:
         ops = ", ".join(sorted({u.op for u in values}))
-        return _lossy(saved, layout, uses, ops, config)
+        decision = _lossy(saved, layout, uses, ops, config)
+        if saved.added:  # NB: save_predicates saves no other float that is read as values
+            return dataclasses.replace(decision, reason=f"a quotient by a normalizer, saved in place of its "
+                                                        f"numerator: {decision.reason}")
+        return decision
     if all(isinstance(u, ShapeUse) for u in uses):
         return Decision(ShapeOnly(layout), "read only for its shape")
     predicates = {u.predicate for u in uses if isinstance(u, PredicateUse)}
@@ -254,7 +260,7 @@ def _unread(saved: SavedTensor) -> str:
             node.args[0].target is torch.ops.aten._native_batch_norm_legit_functional.default:
         # capture.drop_unread_running_stats
         return "a batch norm's updated running statistic, which its training-mode backward never reads"
-    return "no longer read: the backward's comparisons of it are saved"  # save_predicates
+    return "no longer read: what the backward computed of it is saved (a comparison, a quotient)"  # save_predicates
 
 
 def _is_rng_state(node: fx.Node) -> bool:
