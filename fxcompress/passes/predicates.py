@@ -33,6 +33,11 @@ numerator (``-g * (num / den) / den``), the quotient is saved instead: the
 numerator's codes' error would grow by ``1 / den``, the quotient's (a linear
 attention's output, a weighted mean of ``v``) stays in proportion to it.
 
+A smooth activation's backward that reads a saved input and nothing else does
+(eager graphs: ``silu_backward(g, x)``) becomes ``g * silu_backward(1, x)``,
+and the derivative is saved in place of ``x``: bounded, it is the better
+thing to code (``_split_derivatives``).
+
 A recomputation that other ops read as values stays in the backward (those
 reads are the codec's approximation, with its bound). One comparison made
 directly of a saved tensor is not moved: the codecs keep it exact in the
@@ -61,6 +66,9 @@ _CONSTANTS = frozenset({aten.full.default, aten.scalar_tensor.default})
 # NB: a norm's statistics, which min-cut may recompute in the backward too (RegNetY's 2x2 maps at
 # batch 2): a mask of a recomputed norm output is only movable with them.
 _STATISTICS = frozenset({aten.var_mean.correction, aten.var.correction})
+# Smooth activations' backward ops, ``g * f'(x)``: the derivative, bounded (about [-0.1, 1.1] for
+# both), is the better thing to code than ``x``, from which it moves by up to ``|f''| * dx``.
+_DERIVATIVES = frozenset({aten.silu_backward.default, aten.gelu_backward.default})
 
 
 def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
@@ -73,6 +81,7 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     The graphs given are not changed; a saved tensor that the backward no longer
     reads stays saved, for the codec plan to store nothing of it.
     """
+    bw = _split_derivatives(fw, bw, num_fwd_outputs)
     masks = _masks(fw, bw, num_fwd_outputs)
     if not masks:
         return fw, bw
@@ -126,7 +135,7 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
                 and _reads_encodable({view_root(numerator)}, source, fw_inputs))
 
     candidates = [n for n in bw.graph.nodes if n in computable and n not in source]
-    moved = {n for n in candidates if mask(n) or normalizer(n)}
+    moved = {n for n in candidates if mask(n) or normalizer(n) or n.target in _DERIVATIVES}  # NB: _split_derivatives'
     quotients = {n for n in candidates if quotient(n)}
     # NB: only where nothing else reads the numerator, which then stores nothing: beside it, the
     # quotient's codes would add memory
@@ -136,6 +145,46 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
     while not all(map(numerator_unread, quotients)):
         quotients = set(filter(numerator_unread, quotients))
     return [n for n in candidates if n in moved or n in quotients]
+
+
+def _split_derivatives(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> fx.GraphModule:
+    """A copy of ``bw`` where each smooth activation's backward ``act_backward(g, x)`` of a saved ``x``
+    that a lossy codec may encode, and that nothing else reads, is ``g * act_backward(1, x)``: its
+    derivative, which ``_masks`` then saves in place of ``x``; ``bw`` itself where there is none.
+
+    The eager backend's graphs only: Inductor decomposes these ops before its partitioner runs, and
+    multiplies ``g`` by the derivative's factors one at a time.
+    """
+    _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
+    source = dict(zip(placeholders, tensors, strict=True))
+    fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
+
+    def split(n: fx.Node) -> bool:
+        x = n.args[1]
+        return (isinstance(x, fx.Node) and view_root(x) in source and _reads_encodable({view_root(x)}, source, fw_inputs)
+                and all(u.target in _DERIVATIVES and u.args[1] is x for u in terminal_users(view_root(x))))
+
+    nodes = [n for n in bw.graph.nodes if n.op == "call_function" and n.target in _DERIVATIVES and split(n)]
+    if not nodes:
+        return bw
+    bw, bw_of = _copy(bw)
+    for node in map(bw_of.__getitem__, nodes):
+        g, x, val = node.args[0], node.args[1], node.meta["val"]
+        with bw.graph.inserting_before(node):
+            # NB: full-size: oneDNN's gelu_backward cannot broadcast a 0-d gradient
+            one = bw.graph.call_function(aten.full.default, (list(val.shape), 1.0),
+                                         {"dtype": val.dtype, "device": val.device})
+            derivative = bw.graph.call_function(node.target, (one, x, *node.args[2:]), dict(node.kwargs))
+            product = bw.graph.call_function(aten.mul.Tensor, (g, derivative))
+        with val.fake_mode:
+            one.meta["val"] = torch.ops.aten.full.default(list(val.shape), 1.0, dtype=val.dtype, device=val.device)
+            derivative.meta["val"] = node.target(one.meta["val"], x.meta["val"], *node.args[2:], **node.kwargs)
+        product.meta["val"] = val
+        node.replace_all_uses_with(product)
+        bw.graph.erase_node(node)
+    bw.graph.lint()
+    bw.recompile()
+    return bw
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:

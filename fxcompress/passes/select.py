@@ -170,8 +170,10 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
         ops = ", ".join(sorted({u.op for u in values}))
         decision = _lossy(saved, layout, uses, ops, config)
         if saved.added:  # NB: save_predicates saves no other float that is read as values
-            return dataclasses.replace(decision, reason=f"a quotient by a normalizer, saved in place of its "
-                                                        f"numerator: {decision.reason}")
+            what = ("a quotient by a normalizer, saved in place of its numerator"
+                    if saved.fw_node.target is torch.ops.aten.div.Tensor else
+                    f"{target_name(saved.fw_node).removesuffix('_backward')}'s derivative, saved in place of its input")
+            return dataclasses.replace(decision, reason=f"{what}: {decision.reason}")
         return decision
     if all(isinstance(u, ShapeUse) for u in uses):
         return Decision(ShapeOnly(layout), "read only for its shape")
@@ -260,7 +262,8 @@ def _unread(saved: SavedTensor) -> str:
             node.args[0].target is torch.ops.aten._native_batch_norm_legit_functional.default:
         # capture.drop_unread_running_stats
         return "a batch norm's updated running statistic, which its training-mode backward never reads"
-    return "no longer read: what the backward computed of it is saved (a comparison, a quotient)"  # save_predicates
+    return ("no longer read: what the backward computed of it is saved "  # save_predicates
+            "(a comparison, a quotient, a derivative)")
 
 
 def _is_rng_state(node: fx.Node) -> bool:
