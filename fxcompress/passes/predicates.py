@@ -33,6 +33,12 @@ numerator (``-g * (num / den) / den``), the quotient is saved instead: the
 numerator's codes' error would grow by ``1 / den``, the quotient's (a linear
 attention's output, a weighted mean of ``v``) stays in proportion to it.
 
+A norm's input that the backward recomputes from saved tensors, at most half
+the size of each (XCiT's class token: one row of a sum of two saved tensors,
+normalized alone), is saved too, so that it is coded in the norm's space:
+its row, small beside the rows it shared a group with, came back from their
+codes with an error of its own size, and the norm's rstd multiplied it.
+
 A smooth activation's backward that reads a saved input and nothing else does
 (eager graphs: ``silu_backward(g, x)``) becomes ``g * silu_backward(1, x)``,
 and the derivative is saved in place of ``x``: bounded, it is the better
@@ -115,7 +121,8 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
     """The backward's bools to save: computable in the forward, read by the backward's own work,
     and comparing a recomputed value of a tensor that a lossy codec may encode; and the
     normalizers it divides by (a divisor that broadcasts), recomputed from such a tensor, and its
-    quotients by one of a saved tensor (or view of one) that a lossy codec may encode."""
+    quotients by one of a saved tensor (or view of one) that a lossy codec may encode; and the
+    norm inputs it recomputes from such tensors, where at most half the size of each."""
     _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
     source = dict(zip(placeholders, tensors, strict=True))
     fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
@@ -134,8 +141,18 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
         return (isinstance(numerator, fx.Node) and view_root(numerator) in source and is_normalizer(n.args[1], n)
                 and _reads_encodable({view_root(numerator)}, source, fw_inputs))
 
+    def small_norm_input(n: fx.Node) -> bool:
+        # NB: XCiT's class-token norm: the sum of two saved tensors' rows, normalized with statistics
+        # of that row alone; each row's codes shared a group with another row's, many times its size
+        cone = _cone(n, computable, source)
+        saved = [m for m in cone if m in source and view_root(source[m]) not in fw_inputs]
+        return (view_root(n) not in source and any(_normalizes(n, u, source) for u in n.users)
+                and _reads_encodable(cone, source, fw_inputs)
+                and all(2 * n.meta["val"].numel() <= m.meta["val"].numel() for m in saved))
+
     candidates = [n for n in bw.graph.nodes if n in computable and n not in source]
-    moved = {n for n in candidates if mask(n) or normalizer(n) or n.target in _DERIVATIVES}  # NB: _split_derivatives'
+    moved = {n for n in candidates
+             if mask(n) or normalizer(n) or small_norm_input(n) or n.target in _DERIVATIVES}  # NB: _split_derivatives'
     quotients = {n for n in candidates if quotient(n)}
     # NB: only where nothing else reads the numerator, which then stores nothing: beside it, the
     # quotient's codes would add memory
@@ -145,6 +162,14 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
     while not all(map(numerator_unread, quotients)):
         quotients = set(filter(numerator_unread, quotients))
     return [n for n in candidates if n in moved or n in quotients]
+
+
+def _normalizes(x: fx.Node, user: fx.Node, source: dict[fx.Node, fx.Node]) -> bool:
+    """Whether ``user`` is ``x - mean`` with ``mean`` a saved norm statistic (a ``var_mean``'s)."""
+    mean = user.args[1] if user.target is aten.sub.Tensor and user.args[0] is x else None
+    stat = source.get(mean) if isinstance(mean, fx.Node) else None
+    return (stat is not None and stat.target is operator.getitem
+            and getattr(stat.args[0], "target", None) in _STATISTICS)
 
 
 def _split_derivatives(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> fx.GraphModule:

@@ -170,9 +170,10 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
         ops = ", ".join(sorted({u.op for u in values}))
         decision = _lossy(saved, layout, uses, ops, config)
         if saved.added:  # NB: save_predicates saves no other float that is read as values
-            what = ("a quotient by a normalizer, saved in place of its numerator"
-                    if saved.fw_node.target is torch.ops.aten.div.Tensor else
-                    f"{target_name(saved.fw_node).removesuffix('_backward')}'s derivative, saved in place of its input")
+            name = target_name(saved.fw_node)
+            what = ("a quotient by a normalizer, saved in place of its numerator" if name == "div.Tensor" else
+                    f"{name.removesuffix('_backward')}'s derivative, saved in place of its input"
+                    if name.endswith("_backward") else "a norm's input, which the backward recomputed, saved")
             return dataclasses.replace(decision, reason=f"{what}: {decision.reason}")
         return decision
     if all(isinstance(u, ShapeUse) for u in uses):
