@@ -80,8 +80,9 @@ _DERIVATIVES = frozenset({aten.silu_backward.default, aten.gelu_backward.default
 def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
                     ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """A forward that computes and saves each bool the backward derives from recomputed values
-    (and each normalizer it divides by, and each quotient by one), and a backward that reads it;
-    ``fw`` and ``bw`` themselves where there is none.
+    (and each normalizer it divides by, each quotient by one, each small norm input it recomputes
+    and each smooth activation's derivative), and a backward that reads it; ``fw`` and ``bw``
+    themselves where there is none.
 
     The new saved tensors follow the others (AOTAutograd's calling convention).
     The graphs given are not changed; a saved tensor that the backward no longer
@@ -151,8 +152,9 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
                 and all(2 * n.meta["val"].numel() <= m.meta["val"].numel() for m in saved))
 
     candidates = [n for n in bw.graph.nodes if n in computable and n not in source]
+    # NB: a derivative op among them is one that _split_derivatives made: its gradient is a constant
     moved = {n for n in candidates
-             if mask(n) or normalizer(n) or small_norm_input(n) or n.target in _DERIVATIVES}  # NB: _split_derivatives'
+             if mask(n) or normalizer(n) or small_norm_input(n) or n.target in _DERIVATIVES}
     quotients = {n for n in candidates if quotient(n)}
     # NB: only where nothing else reads the numerator, which then stores nothing: beside it, the
     # quotient's codes would add memory

@@ -48,9 +48,10 @@ The policy, in order, for each saved tensor (the first rule that decides wins):
     its predicate if it has one (a ReLU output a batch-norm reads: RepVGG);
     without a per-group codec, keep, naming the op that reads the values.
     A reader that needs more bits (fused attention's q and k: 8) raises
-    the codec to an integer code of that many bits. (A quotient by a
-    normalizer that ``save_predicates`` saved in place of its numerator is
-    coded so too; its reason says so.)
+    the codec to an integer code of that many bits. (What ``save_predicates``
+    saved in place of what the backward read -- a quotient by a normalizer,
+    a smooth activation's derivative, a small recomputed norm input -- is
+    coded so too; its reason says which.)
 12. Read only for its shape: :class:`ShapeOnly`.
 13. Read only through one predicate (and shapes): :class:`PredicateMask`.
 14. Integer read only as bounded indices: :class:`NarrowInt`.
@@ -264,7 +265,7 @@ def _unread(saved: SavedTensor) -> str:
         # capture.drop_unread_running_stats
         return "a batch norm's updated running statistic, which its training-mode backward never reads"
     return ("no longer read: what the backward computed of it is saved "  # save_predicates
-            "(a comparison, a quotient, a derivative)")
+            "(a comparison, a quotient, a derivative, a norm's input)")
 
 
 def _is_rng_state(node: fx.Node) -> bool:
