@@ -60,7 +60,7 @@ import torch
 import torch.fx as fx
 
 from ..codecs.uses import VIEW_OPS, is_normalizer, terminal_users, view_root
-from ..ir import META_KEY, elementwise, graph_module, saved_pairs
+from ..ir import META_KEY, elementwise, graph_module, saved_pairs, target_name
 from .splice import copy_node
 
 __all__ = ["save_predicates"]
@@ -89,12 +89,12 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     reads stays saved, for the codec plan to store nothing of it.
     """
     bw = _split_derivatives(fw, bw, num_fwd_outputs)
-    masks = _masks(fw, bw, num_fwd_outputs)
-    if not masks:
+    kinds = _masks(fw, bw, num_fwd_outputs)
+    if not kinds:
         return fw, bw
     fw, fw_of = _copy(fw)
     bw, bw_of = _copy(bw)
-    masks = [bw_of[m] for m in masks]
+    masks = [bw_of[m] for m in kinds]
     outputs, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
     source = dict(zip(placeholders, tensors, strict=True))
     computable = _forward_computable(bw, source)
@@ -102,9 +102,9 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     for mask in masks:
         _copy_cone(fw.graph, mask, computable, env)
     last = placeholders[-1]
-    for mask in masks:
+    for mask, kind in zip(masks, kinds.values(), strict=True):
         saved = env[mask]  # NB: a new dict: the forward's own node (reused) shares its meta's values with fw's
-        saved.meta[META_KEY] = {**saved.meta.get(META_KEY, {}), "saved_by": "save_predicates"}
+        saved.meta[META_KEY] = {**saved.meta.get(META_KEY, {}), "saved_by": "save_predicates", "saved_as": kind}
         with bw.graph.inserting_after(last):
             last = bw.graph.placeholder(f"{mask.name}_saved")
         last.meta["val"] = mask.meta["val"]
@@ -118,15 +118,13 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     return fw, bw
 
 
-def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
-    """The backward's bools to save: computable in the forward, read by the backward's own work,
+def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> dict[fx.Node, str]:
+    """The backward's nodes to save, in its order, each with what it is (for the policy's reason). Its bools: computable in the forward, read by the backward's own work,
     and comparing a recomputed value of a tensor that a lossy codec may encode; and the
     normalizers it divides by (a divisor that broadcasts), recomputed from such a tensor, and its
     quotients by one of a saved tensor (or view of one) that a lossy codec may encode; and the
     norm inputs it recomputes from such tensors, where at most half the size of each."""
-    _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
-    source = dict(zip(placeholders, tensors, strict=True))
-    fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
+    source, fw_inputs = _sources(fw, bw, num_fwd_outputs)
     computable = _forward_computable(bw, source)
 
     def mask(n: fx.Node) -> bool:
@@ -145,25 +143,44 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> list
     def small_norm_input(n: fx.Node) -> bool:
         # NB: XCiT's class-token norm: the sum of two saved tensors' rows, normalized with statistics
         # of that row alone; each row's codes shared a group with another row's, many times its size
+        if view_root(n) in source or not any(_normalizes(n, u, source) for u in n.users):
+            return False  # NB: first: the cone below is a walk of the graph, for the few that get here
         cone = _cone(n, computable, source)
         saved = [m for m in cone if m in source and view_root(source[m]) not in fw_inputs]
-        return (view_root(n) not in source and any(_normalizes(n, u, source) for u in n.users)
-                and _reads_encodable(cone, source, fw_inputs)
+        return (_reads_encodable(cone, source, fw_inputs)
                 and all(2 * n.meta["val"].numel() <= m.meta["val"].numel() for m in saved))
 
-    candidates = [n for n in bw.graph.nodes if n in computable and n not in source]
-    # NB: a derivative op among them is one that _split_derivatives made: its gradient is a constant
-    moved = {n for n in candidates
-             if mask(n) or normalizer(n) or small_norm_input(n) or n.target in _DERIVATIVES}
-    quotients = {n for n in candidates if quotient(n)}
+    def kind(n: fx.Node) -> str | None:
+        if mask(n):
+            return "a comparison the backward made of recomputed values"
+        if normalizer(n):
+            return "a normalizer the backward recomputed"
+        if small_norm_input(n):
+            return "a norm's input, which the backward recomputed, saved"
+        if n.target in _DERIVATIVES:  # NB: one that _split_derivatives made: its gradient is a constant
+            return f"{target_name(n).removesuffix('_backward')}'s derivative, saved in place of its input"
+        return "a quotient by a normalizer, saved in place of its numerator" if quotient(n) else None
+
+    kinds = {n: k for n in bw.graph.nodes if n in computable and n not in source and (k := kind(n))}
+    quotients = {n for n, k in kinds.items() if k.startswith("a quotient")}
     # NB: only where nothing else reads the numerator, which then stores nothing: beside it, the
     # quotient's codes would add memory
     def numerator_unread(q: fx.Node) -> bool:
-        return set(terminal_users(view_root(q.args[0]))) <= moved | quotients
+        return set(terminal_users(view_root(q.args[0]))) <= kinds.keys()
 
     while not all(map(numerator_unread, quotients)):
-        quotients = set(filter(numerator_unread, quotients))
-    return [n for n in candidates if n in moved or n in quotients]
+        dropped = {q for q in quotients if not numerator_unread(q)}
+        quotients -= dropped
+        for q in dropped:
+            del kinds[q]
+    return kinds
+
+
+def _sources(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
+             ) -> tuple[dict[fx.Node, fx.Node], frozenset[fx.Node]]:
+    """Each saved tensor's backward placeholder mapped to its forward node, and the forward's inputs."""
+    _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
+    return dict(zip(placeholders, tensors, strict=True)), frozenset(fw.graph.find_nodes(op="placeholder"))
 
 
 def _normalizes(x: fx.Node, user: fx.Node, source: dict[fx.Node, fx.Node]) -> bool:
@@ -182,9 +199,7 @@ def _split_derivatives(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: 
     The eager backend's graphs only: Inductor decomposes these ops before its partitioner runs, and
     multiplies ``g`` by the derivative's factors one at a time.
     """
-    _, tensors, placeholders = saved_pairs(fw, bw, num_fwd_outputs)
-    source = dict(zip(placeholders, tensors, strict=True))
-    fw_inputs = frozenset(fw.graph.find_nodes(op="placeholder"))
+    source, fw_inputs = _sources(fw, bw, num_fwd_outputs)
 
     def split(n: fx.Node) -> bool:
         x = n.args[1]

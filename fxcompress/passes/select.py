@@ -75,7 +75,7 @@ from ..codecs.uses import (VIEW_OPS, ExactUse, IndexUse, Predicate, PredicateUse
                            view_root)
 from ..config import BLPA_BITS, LOSSY_BITS, PER_GROUP_CODECS, CompressConfig, Encoders
 from ..config import Codec as CodecName
-from ..ir import CodecPlan, Decision, Program, SavedTensor, target_name
+from ..ir import META_KEY, CodecPlan, Decision, Program, SavedTensor, target_name
 
 __all__ = ["plan_codecs"]
 
@@ -170,11 +170,8 @@ def _decide_dense(saved: SavedTensor, layout: Layout, readers: list[fx.Node], co
     if values:
         ops = ", ".join(sorted({u.op for u in values}))
         decision = _lossy(saved, layout, uses, ops, config)
-        if saved.added:  # NB: save_predicates saves no other float that is read as values
-            name = target_name(saved.fw_node)
-            what = ("a quotient by a normalizer, saved in place of its numerator" if name == "div.Tensor" else
-                    f"{name.removesuffix('_backward')}'s derivative, saved in place of its input"
-                    if name.endswith("_backward") else "a norm's input, which the backward recomputed, saved")
+        if saved.added:  # NB: save_predicates names what it saved
+            what = saved.fw_node.meta[META_KEY]["saved_as"]
             return dataclasses.replace(decision, reason=f"{what}: {decision.reason}")
         return decision
     if all(isinstance(u, ShapeUse) for u in uses):
