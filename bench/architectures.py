@@ -41,7 +41,25 @@ from common import open_results, put_result, run_child  # noqa: E402
 VISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121",
           "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16", "swin_t")
 LANGUAGE = ("gpt2", "gpt2-ckpt", "bert", "llama", "phi3")
-TIMM = ("repvgg_a0",)  # a batch-norm on each block's input beside its convolutions (the identity branch)
+# timm's models, with what their constructors need at 64 px: each one a pattern the others lack
+TIMM = {
+    "repvgg_a0": {},  # a batch-norm on each block's input beside its convolutions (the identity branch)
+    "efficientvit_b0": {},  # ReLU linear attention: a quotient by a normalizer
+    "xcit_nano_12_p16_224": {"img_size": 64},  # cross-covariance attention, class-token layer norms
+    "cait_xxs24_224": {"img_size": 64},  # class attention, layer scale
+    "coat_lite_tiny": {"img_size": 64},  # factorized attention, convolutional position encoding
+    "pit_ti_224": {"img_size": 64},  # pooling by depthwise convolution between transformer stages
+    "mobilevit_xxs": {},  # convolutions and transformers unfolded into patches
+    "poolformer_s12": {},  # average pooling as the token mixer, group norm
+    "convnext_atto": {},  # depthwise 7x7, layer norm over channels, GELU
+    "ghostnet_100": {},  # half of each feature map made by a cheap depthwise convolution, squeeze-excite
+    "lcnet_050": {},  # hard-swish, depthwise separable convolutions
+    "resnest14d": {},  # split attention: a softmax over radix groups
+    "skresnet18": {},  # selective kernels: a softmax over two convolution branches
+    "nf_resnet26": {},  # no normalization: weight-standardized convolutions, scaled residuals
+    "dla34": {},  # deep layer aggregation: trees of concatenations
+    "cspresnet50": {},  # cross-stage partial blocks: half the channels bypass each stage
+}
 MiB = 1024**2
 
 
@@ -67,7 +85,8 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, str]:
     if name in TIMM:
         import timm
 
-        return timm.create_model(name), torch.randn(2, 3, 64, 64), "batch 2, 64x64"
+        # NB: timm's heads drop out with F.dropout (no module to turn off): drop_rate=0 at construction
+        return timm.create_model(name, drop_rate=0.0, **TIMM[name]), torch.randn(2, 3, 64, 64), "batch 2, 64x64"
     from fxcompress.models import ZOO  # the test zoo: CPU smoke runs of this script
 
     model = ZOO[name]()
