@@ -119,10 +119,11 @@ def test_predicate_without_representatives():
     (torch.ops.aten.threshold_backward.default, Predicate("le", (0.0,)), (0,)),
     (torch.ops.aten.hardtanh_backward.default, Predicate("notinside", (0.0, 6.0)), (0.0, 6.0)),
     (torch.ops.aten.leaky_relu_backward.default, Predicate("gt", (0.0,)), (0.1, False)),
+    (torch.ops.aten.hardsigmoid_backward.default, Predicate("notinside", (-3.0, 3.0)), ()),
 ])
 def test_backward_ops_give_identical_results_on_decoded_tensor(op, pred, args):
     x = torch.randn(4096) * 5
-    x[:3] = torch.tensor([float("nan"), 0.0, 6.0])
+    x[:5] = torch.tensor([float("nan"), 0.0, 6.0, -3.0, 3.0])
     g = torch.randn(4096)
     codec = PredicateMask(Layout.of(x), pred, *pred.representatives(x.dtype))
     y = codec.decode(*codec.encode(x))

@@ -230,3 +230,18 @@ def test_pool_indices_and_window_offsets_pack_below_a_byte(backend, window, size
     if codec.startswith("packed"):
         numel, bits = math.prod(row.shape), int(codec[len("packed["):-len("b]")])
         assert row.bytes_after == -(-numel * bits // 8)
+
+
+def test_a_hard_sigmoid_input_is_one_bit_and_bit_identical():
+    """hardsigmoid_backward(g, x) is g / 6 inside (-3, 3) and 0 outside (NaN included): it reads x
+    through that predicate alone (a squeeze-excite gate's input, MobileNetV3's and LCNet's)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Hardsigmoid(), torch.nn.Linear(64, 4))
+    x = torch.randn(64, 16) * 4
+    x[0, 0] = float("nan")  # a row of NaN activations: their gradient is 0, as without fxcompress
+    ref = train_step(model, x, compressed("none"))
+    got = train_step(model, x, compressed("lossless"))
+    (row,) = [r for r in fxcompress.explain(got.module).rows if r.op == "addmm" and r.shape == (64, 64)]
+    assert row.codec == "mask[notinside(-3, 3)]" and row.bytes_after == 64 * 64 // 8
+    for k in ref.grads:
+        torch.testing.assert_close(ref.grads[k], got.grads[k], rtol=0, atol=0, equal_nan=True)

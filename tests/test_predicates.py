@@ -17,6 +17,7 @@ ACTIVATIONS = {
     "relu6": lambda: torch.nn.ReLU6(),
     "leaky_relu": lambda: torch.nn.LeakyReLU(0.1),
     "hardtanh": lambda: torch.nn.Hardtanh(-0.5, 0.7),
+    "hardsigmoid": lambda: torch.nn.Hardsigmoid(),  # Inductor's: where(-3 < x & x < 3, g / 6, 0)
 }
 
 
@@ -159,3 +160,30 @@ def test_a_small_norm_input_recomputed_from_saved_tensors_is_saved():
 
     fw, bw, _ = _norm_of_a_recomputed_sum(rows=17)  # as large as what it is made from: not saved twice
     assert save_predicates(fw, bw, num_fwd_outputs=1) == (fw, bw)
+
+
+def test_an_alias_the_backward_no_longer_reads_is_dropped_beside_its_coded_base():
+    """A saved view whose placeholder has no reader (what the backward read of it is saved instead)
+    while its base is coded: nothing is replayed for it (its replay went to the graph's start)."""
+    from fxcompress.passes.rewrite import rewrite_saved_tensors
+
+    def fw(x):
+        y = x * 2
+        return y.sum(), y, y.t()
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(64, 32)
+    with FakeTensorMode() as mode:  # NB: one mode for both graphs, as AOTAutograd's
+        fake = mode.from_tensor(x)
+        fw_gm = make_fx(fw)(fake)
+        y = fake * 2
+        bw_gm = make_fx(lambda y, v, g: y * g)(y, y.t(), fake * 3)
+    program = extract_program(fw_gm, bw_gm, 1, "alias")
+    plan = plan_codecs(program, fxcompress.CompressConfig(codec="int8", min_bytes=0))
+    assert [d.codec.name if d.codec else d.alias_of for d in plan.decisions] == ["int8", 0]
+    rewritten = rewrite_saved_tensors(program, plan)
+    g = torch.randn(64, 32)
+    total, *codes = rewritten.fw(x)
+    got, want = rewritten.bw(*codes, g), 2 * x * g
+    assert (got - want).norm() < 0.01 * want.norm()  # int8's error

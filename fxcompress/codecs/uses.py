@@ -265,6 +265,11 @@ def _hardtanh_backward(node: fx.Node) -> Use | None:
     return PredicateUse(Predicate("notinside" if cpu else "outside", (lo, hi)))
 
 
+def _hardsigmoid_backward(node: fx.Node) -> Use:
+    # hardsigmoid_backward(grad, self) = -3 < self < 3 ? grad / 6 : 0, NaN to 0 (CPU and CUDA alike)
+    return PredicateUse(Predicate("notinside", (-3.0, 3.0)))
+
+
 def _leaky_relu_backward(node: fx.Node) -> Use | None:
     # leaky_relu_backward(grad, self, slope, self_is_result) = self > 0 ? grad : grad * slope
     return PredicateUse(Predicate("gt", (0.0,)))
@@ -328,6 +333,7 @@ _ARG_USES: dict[tuple[object, int], Callable[[fx.Node], Use | None]] = {
     (aten.threshold_backward.default, 1): _threshold_backward,
     (aten.hardtanh_backward.default, 1): _hardtanh_backward,
     (aten.leaky_relu_backward.default, 1): _leaky_relu_backward,
+    (aten.hardsigmoid_backward.default, 1): _hardsigmoid_backward,
     (aten.max_pool2d_with_indices_backward.default, 1): _shape,
     (aten.max_pool2d_with_indices_backward.default, 7): _pool_indices(2),
     (aten.max_pool3d_with_indices_backward.default, 1): _shape,

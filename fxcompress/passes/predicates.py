@@ -39,10 +39,11 @@ normalized alone), is saved too, so that it is coded in the norm's space:
 its row, small beside the rows it shared a group with, came back from their
 codes with an error of its own size, and the norm's rstd multiplied it.
 
-A smooth activation's backward that reads a saved input and nothing else does
-(eager graphs: ``silu_backward(g, x)``) becomes ``g * silu_backward(1, x)``,
-and the derivative is saved in place of ``x``: bounded, it is the better
-thing to code (``_split_derivatives``).
+An activation's backward that is its gradient times a nonlinear function of
+a saved input that nothing else reads (``g * f'(x)``: SiLU, GELU, hard-swish,
+on either backend's ops) is rewritten so, and the derivative is saved in place
+of ``x``: bounded, it is the better thing to code
+(:func:`~fxcompress.passes.derivatives.factor_derivatives`).
 
 A recomputation that other ops read as values stays in the backward (those
 reads are the codec's approximation, with its bound). One comparison made
@@ -61,6 +62,7 @@ import torch.fx as fx
 
 from ..codecs.uses import VIEW_OPS, is_normalizer, terminal_users, view_root
 from ..ir import META_KEY, elementwise, graph_module, saved_pairs, target_name
+from .derivatives import DERIVATIVE_OPS, factor_derivatives
 from .splice import copy_node
 
 __all__ = ["save_predicates"]
@@ -72,9 +74,6 @@ _CONSTANTS = frozenset({aten.full.default, aten.scalar_tensor.default})
 # NB: a norm's statistics, which min-cut may recompute in the backward too (RegNetY's 2x2 maps at
 # batch 2): a mask of a recomputed norm output is only movable with them.
 _STATISTICS = frozenset({aten.var_mean.correction, aten.var.correction})
-# Smooth activations' backward ops, ``g * f'(x)``: the derivative, bounded (about [-0.1, 1.1] for
-# both), is the better thing to code than ``x``, from which it moves by up to ``|f''| * dx``.
-_DERIVATIVES = frozenset({aten.silu_backward.default, aten.gelu_backward.default})
 
 
 def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
@@ -88,8 +87,8 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     The graphs given are not changed; a saved tensor that the backward no longer
     reads stays saved, for the codec plan to store nothing of it.
     """
-    bw = _split_derivatives(fw, bw, num_fwd_outputs)
-    kinds = _masks(fw, bw, num_fwd_outputs)
+    bw, factors = _factor_derivatives(fw, bw, num_fwd_outputs)
+    kinds = _masks(fw, bw, num_fwd_outputs, factors)
     if not kinds:
         return fw, bw
     fw, fw_of = _copy(fw)
@@ -118,7 +117,8 @@ def save_predicates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     return fw, bw
 
 
-def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> dict[fx.Node, str]:
+def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, factors: frozenset[fx.Node] = frozenset()
+           ) -> dict[fx.Node, str]:
     """The backward's nodes to save, in its order, each with what it is (for the policy's reason). Its bools: computable in the forward, read by the backward's own work,
     and comparing a recomputed value of a tensor that a lossy codec may encode; and the
     normalizers it divides by (a divisor that broadcasts), recomputed from such a tensor, and its
@@ -157,8 +157,8 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> dict
             return "a normalizer the backward recomputed"
         if small_norm_input(n):
             return "a norm's input, which the backward recomputed, saved"
-        if n.target in _DERIVATIVES:  # NB: one that _split_derivatives made: its gradient is a constant
-            return f"{target_name(n).removesuffix('_backward')}'s derivative, saved in place of its input"
+        if n in factors:
+            return _derivative_kind(n)
         return "a quotient by a normalizer, saved in place of its numerator" if quotient(n) else None
 
     kinds = {n: k for n in bw.graph.nodes if n in computable and n not in source and (k := kind(n))}
@@ -176,6 +176,14 @@ def _masks(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> dict
     return kinds
 
 
+def _derivative_kind(factor: fx.Node) -> str:
+    if factor.target in (aten.tanh_backward.default, aten.sigmoid_backward.default):
+        return f"{target_name(factor).removesuffix('_backward')}'s derivative, saved in place of its output"
+    if factor.target in DERIVATIVE_OPS:
+        return f"{target_name(factor).removesuffix('_backward')}'s derivative, saved in place of its input"
+    return "an activation's derivative, saved in place of its input"
+
+
 def _sources(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
              ) -> tuple[dict[fx.Node, fx.Node], frozenset[fx.Node]]:
     """Each saved tensor's backward placeholder mapped to its forward node, and the forward's inputs."""
@@ -191,42 +199,16 @@ def _normalizes(x: fx.Node, user: fx.Node, source: dict[fx.Node, fx.Node]) -> bo
             and getattr(stat.args[0], "target", None) in _STATISTICS)
 
 
-def _split_derivatives(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> fx.GraphModule:
-    """A copy of ``bw`` where each smooth activation's backward ``act_backward(g, x)`` of a saved ``x``
-    that a lossy codec may encode, and that nothing else reads, is ``g * act_backward(1, x)``: its
-    derivative, which ``_masks`` then saves in place of ``x``; ``bw`` itself where there is none.
-
-    The eager backend's graphs only: Inductor decomposes these ops before its partitioner runs, and
-    multiplies ``g`` by the derivative's factors one at a time.
-    """
-    source, fw_inputs = _sources(fw, bw, num_fwd_outputs)
-
-    def split(n: fx.Node) -> bool:
-        x = n.args[1]
-        return (isinstance(x, fx.Node) and view_root(x) in source and _reads_encodable({view_root(x)}, source, fw_inputs)
-                and all(u.target in _DERIVATIVES and u.args[1] is x for u in terminal_users(view_root(x))))
-
-    nodes = [n for n in bw.graph.nodes if n.op == "call_function" and n.target in _DERIVATIVES and split(n)]
-    if not nodes:
-        return bw
-    bw, bw_of = _copy(bw)
-    for node in map(bw_of.__getitem__, nodes):
-        g, x, val = node.args[0], node.args[1], node.meta["val"]
-        with bw.graph.inserting_before(node):
-            # NB: full-size: oneDNN's gelu_backward cannot broadcast a 0-d gradient
-            one = bw.graph.call_function(aten.full.default, (list(val.shape), 1.0),
-                                         {"dtype": val.dtype, "device": val.device})
-            derivative = bw.graph.call_function(node.target, (one, x, *node.args[2:]), dict(node.kwargs))
-            product = bw.graph.call_function(aten.mul.Tensor, (g, derivative))
-        with val.fake_mode:
-            one.meta["val"] = torch.ops.aten.full.default(list(val.shape), 1.0, dtype=val.dtype, device=val.device)
-            derivative.meta["val"] = node.target(one.meta["val"], x.meta["val"], *node.args[2:], **node.kwargs)
-        product.meta["val"] = val
-        node.replace_all_uses_with(product)
-        bw.graph.erase_node(node)
-    bw.graph.lint()
-    bw.recompile()
-    return bw
+def _factor_derivatives(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
+                        ) -> tuple[fx.GraphModule, frozenset[fx.Node]]:
+    """A copy of ``bw`` with its activations' derivatives factored out, and the factors' nodes
+    (:func:`~fxcompress.passes.derivatives.factor_derivatives`); ``bw`` itself where there is none."""
+    copy_, _ = _copy(bw)
+    source, fw_inputs = _sources(fw, copy_, num_fwd_outputs)
+    encodable = {p for p in source if _reads_encodable({p}, source, fw_inputs)}
+    storage = {p: view_root(n) for p, n in source.items()}
+    copy_, factors = factor_derivatives(copy_, storage, _forward_computable(copy_, source), encodable)
+    return (copy_, factors) if factors else (bw, factors)
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
@@ -255,7 +237,8 @@ def _recomputable(node: fx.Node) -> bool:
         return False
     if torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    return elementwise(node) or target in VIEW_OPS or target in _CONSTANTS or target in _STATISTICS
+    return (elementwise(node) or target in VIEW_OPS or target in _CONSTANTS or target in _STATISTICS
+            or target in DERIVATIVE_OPS)
 
 
 def _is_bool(node: fx.Node) -> bool:

@@ -77,6 +77,10 @@ def rewrite_saved_tensors(
             continue
         base = program.saved[decision.alias_of]
         ph = placeholders[saved.index]
+        saved_outputs[saved.index] = []
+        if not ph.users:  # NB: an alias the backward no longer reads (inserting_before(None) is the graph's start)
+            bw.graph.erase_node(ph)
+            continue
         chain = view_chain(saved.fw_node, base.fw_node)
         env = {base.fw_node: placeholders[base.index]}
         with bw.graph.inserting_before(_first_user(bw.graph, ph)):
@@ -84,7 +88,6 @@ def rewrite_saved_tensors(
                 env[node] = copy_node(bw.graph, node, env, {"role": "alias", "of": base.name})
         ph.replace_all_uses_with(env[chain[-1]])
         bw.graph.erase_node(ph)
-        saved_outputs[saved.index] = []
 
     statistic_of = {bw_env[s.bw_placeholder]: _statistic_root(s.fw_node) for s in program.saved}
     parts_phs: dict[int, list[fx.Node]] = {}

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map_only
 from ..errors import InternalError
 from ..ir import META_KEY
 
-__all__ = ["splice", "copy_node"]
+__all__ = ["splice", "copy_node", "call_node"]
 
 
 def splice(
@@ -106,6 +106,22 @@ def copy_node(
     new = graph.node_copy(node, lambda n: env[n])
     new.meta = {"val": node.meta["val"], META_KEY: dict(tag)}
     return new
+
+
+def call_node(graph: fx.Graph, target: Any, args: tuple, kwargs: Mapping[str, Any] | None = None, *,
+              fake_mode: Any, tag: Mapping[str, object]) -> fx.Node:
+    """Insert one ``target(*args, **kwargs)`` node at the graph's insertion point, its ``meta["val"]``
+    computed by running ``target`` on the arguments' fake values in ``fake_mode``."""
+    kwargs = dict(kwargs or {})
+
+    def val(a: Any) -> Any:
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    with fake_mode:
+        value = target(*fx.node.map_aggregate(args, val), **fx.node.map_aggregate(kwargs, val))
+    node = graph.call_function(target, tuple(args), kwargs)
+    node.meta = {"val": value, META_KEY: dict(tag)}
+    return node
 
 
 def _as_tuple(x: object) -> tuple:
