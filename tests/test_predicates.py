@@ -187,3 +187,48 @@ def test_an_alias_the_backward_no_longer_reads_is_dropped_beside_its_coded_base(
     total, *codes = rewritten.fw(x)
     got, want = rewritten.bw(*codes, g), 2 * x * g
     assert (got - want).norm() < 0.01 * want.norm()  # int8's error
+
+
+def _activation_step(fn, x):
+    """``h = 1.5 x`` saved for ``fn(h)``'s backward, both graphs as Inductor decomposes them; and the
+    backward, to run on real tensors."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def fw(x):
+        h = x * 1.5
+        return fn(h).sum(), h
+
+    def bw(h, g):
+        return torch.autograd.grad(fn(h.requires_grad_()), h, g)[0]
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        fw_gm = make_fx(fw, decomposition_table=select_decomp_table())(fake)
+        bw_gm = make_fx(bw, decomposition_table=select_decomp_table())(fake * 1.5, fake * 2)
+    return fw_gm, bw_gm, bw
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "hardswish", "mish"])
+def test_a_factored_derivative_computes_what_the_backward_did(act):
+    """``factor_derivatives`` on a backward as Inductor decomposes it: run on exact values, the
+    rewritten graphs give the original gradient up to rounding (the factors multiply first), and the
+    saved input is read no more."""
+    x = torch.randn(64, 32) * 4
+    fw_gm, bw_gm, bw = _activation_step(getattr(torch.nn.functional, act), x)
+    new_fw, new_bw = save_predicates(fw_gm, bw_gm, num_fwd_outputs=1)
+    (h_ph, derivative_ph, _) = [n for n in new_bw.graph.nodes if n.op == "placeholder"]
+    assert not h_ph.users and derivative_ph.users  # the input is read no more
+    g = torch.randn(64, 32)
+    total, h, derivative = new_fw(x)
+    torch.testing.assert_close(new_bw(h, derivative, g), bw(x * 1.5, g), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [torch.relu, lambda h: (h * 3.0 + 1.0) * h], ids=["relu", "quadratic"])
+def test_no_factor_is_saved_for_a_mask_or_an_affine_derivative(fn):
+    """A derivative made of comparisons alone (ReLU's) keeps the input's 1-bit mask, and an affine one
+    (a quadratic's; a norm's ``x̂``) codes as well as its input: neither is factored out."""
+    fw_gm, bw_gm, _ = _activation_step(fn, torch.randn(64, 32))
+    new_fw, _ = save_predicates(fw_gm, bw_gm, num_fwd_outputs=1)
+    added = list(new_fw.graph.output_node().args[0])[2:]  # NB: after the loss and h
+    assert all(n.meta["val"].dtype == torch.bool for n in added)  # ReLU's: its recomputed mask, as bits

@@ -135,8 +135,8 @@ def _zero_or(form, a: object, computable: set[fx.Node]) -> tuple[fx.Node | None,
     return form(a)
 
 
-def _leaves(factor: Factor) -> list[fx.Node]:
-    """The graph nodes a factor reads."""
+def _leaves(factor: Factor, values: bool = False) -> list[fx.Node]:
+    """The graph nodes a factor reads (``values``: not the predicates of its selections)."""
     if isinstance(factor, fx.Node):
         return [factor]
     if not isinstance(factor, tuple):
@@ -144,7 +144,9 @@ def _leaves(factor: Factor) -> list[fx.Node]:
     kind, *rest = factor
     if kind == "deriv":
         return [rest[1], *[a for a in rest[2] if isinstance(a, fx.Node)]]
-    return [x for part in rest for x in _leaves(part)]
+    if kind == "where" and values:
+        rest = rest[1:]
+    return [x for part in rest for x in _leaves(part, values)]
 
 
 def _cone(leaves: list[fx.Node], computable: set[fx.Node], saved: set[fx.Node]) -> set[fx.Node]:
@@ -167,7 +169,11 @@ def _is_candidate(node: fx.Node, form: tuple[fx.Node, Factor], lin: dict, comput
     cone = _cone(_leaves(form[1]), computable, encodable)
     saved = cone & encodable
     numel = node.meta["val"].numel()
-    if not saved or any(s.meta["val"].numel() != numel for s in saved):
+    if any(s.meta["val"].numel() != numel for s in saved):
+        return False
+    # NB: read as values: a factor of selections between constants (ReLU's) is the saved tensors'
+    # predicates alone, which their 1-bit masks keep exact
+    if not _cone(_leaves(form[1], values=True), computable, encodable) & saved:
         return False
     return _nonlinear(form[1], cone, saved)
 
