@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ from fxcompress.models import ZOO
 # bench/results/logs/tests_all_h200.log). No effect on the CPU.
 torch.backends.cudnn.deterministic = True
 torch.backends.cudnn.benchmark = False
+
+# NB: under pytest-xdist (the README's -n 2) the workers share the cores: one intra-op thread pool each
+# of its share, not each of all of them (subprocesses the tests start get their own)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @dataclasses.dataclass
