@@ -181,10 +181,10 @@ def _coverage(path: pathlib.Path, data: dict) -> str:
         "parameters alone; uncoded = their share stored as they are, with the largest reasons; grad cos = "
         "the cosine similarity of the step's weight gradients to the plain model's, run eagerly, dropout and stochastic depth off "
         "(one step at these small batches: a check that the step is sound, stochastic rounding's noise included; "
-        "how training ends is the fidelity runs' measure):",
+        "how training ends is the fidelity runs' measure; rows accumulate over runs, each names the commit it measured):",
         "",
-        "| model | size | backend | codec | activations MiB | × | uncoded | grad cos | largest uncoded |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | size | backend | codec | activations MiB | × | uncoded | grad cos | largest uncoded | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["coverage"]:
         before, after = r["saved_mib"]
@@ -192,7 +192,7 @@ def _coverage(path: pathlib.Path, data: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['size']} | {r['backend']} | {r['codec']} | {before:.2f} → {after:.2f} | "
             f"{before / after if after else 0:.2f} | {r['uncoded_share']:.1%} | "
-            f"{'–' if r.get('grad_cosine') is None else format(r['grad_cosine'], '.5f')} | {why.replace('|', '/')} |"
+            f"{'–' if r.get('grad_cosine') is None else format(r['grad_cosine'], '.5f')} | {why.replace('|', '/')} | {r.get('commit', '–')} |"
         )
     return "\n".join(lines)
 
