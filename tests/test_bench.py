@@ -90,9 +90,10 @@ def test_coverage_rows_show_the_uncoded_share_and_its_reasons():
     ]}
     rows = report._coverage(pathlib.Path("c.json"), data).splitlines()
     assert rows[-1] == ("| resnet18 | batch 2 | eager | int4 | 4.00 → 0.50 | 8.00 | 2.5% | – | "
-                        "2.0% tiny: N B < min_bytes=N (3); 0.5% a / b (1) |")  # NB: rows before the gradient check
-    data["coverage"][0]["grad_cosine"] = 0.987654321
+                        "2.0% tiny: N B < min_bytes=N (3); 0.5% a / b (1) | – |")  # NB: rows before the gradient check
+    data["coverage"][0] |= {"grad_cosine": 0.987654321, "commit": "abc1234"}  # and before rows named their commit
     assert "| 2.5% | 0.98765 | 2.0% tiny" in report._coverage(pathlib.Path("c.json"), data)
+    assert report._coverage(pathlib.Path("c.json"), data).endswith("a / b (1) | abc1234 |")
 
 
 def test_architectures_runs_a_zoo_model_and_groups_like_reasons():
