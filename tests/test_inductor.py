@@ -229,8 +229,9 @@ def test_predicate_decodes_change_the_gradients_by_rounding_only(monkeypatch):
     order, but the masks are the same as when every reader decodes the values. In float64 that
     rounding is ~1e-14 of a gradient; a single ReLU mask element flipped in a 4x16x8x8 stage
     moves a gradient by far more than 1e-12. Neither compile may serve the other from a cache: the
-    partitioner's uuid does not see the monkeypatch. One residual block (the zoo's ResNet has four, and
-    two float64 compiles of it took 72 s of CI's time): a ReLU after a norm and one after the sum."""
+    partitioner's uuid does not see the monkeypatch. One residual block: a ReLU after a norm and one
+    after the sum (the zoo's ResNet has four blocks; two float64 compiles of it took 72 s under -n 2
+    on a 2-core x86_64 CPU)."""
     from fxcompress.models import BasicBlock
     from fxcompress.passes import rewrite
 
