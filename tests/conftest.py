@@ -39,6 +39,30 @@ def make_model(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     return model, model.example_input()
 
 
+def two_stage_cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
+    """Two conv-BN-ReLU stages (16, then 32 channels), pooled, and a linear head, with its input: for
+    the Inductor tests that need batch-norms and their ReLUs, not the zoo ConvNet's max pools and
+    dropout. Each Inductor compile costs the suite seconds; one model shared by several tests
+    shares their compiles in Inductor's cache."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).to(dtype)
+    return model, torch.randn(4, 3, 16, 16, dtype=dtype)
+
+
+def one_block_resnet(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
+    """A conv-BN-ReLU stem and one residual block with a projection shortcut (batch-norms before a
+    ReLU, before the sum and on the shortcut), pooled, and a linear head, with its input: the zoo
+    ResNet's four blocks cost its Inductor compiles tens of seconds more."""
+    from fxcompress.models import BasicBlock
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          BasicBlock(8, 16, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).to(dtype)
+    return model, torch.randn(4, 3, 16, 16, dtype=dtype)
+
+
 def train_step(model: nn.Module, x: torch.Tensor, wrap, *, seed: int = 1) -> StepResult:
     """Run ``wrap(model)`` forward/backward once with a fixed RNG; return output and gradients."""
     model.zero_grad(set_to_none=True)

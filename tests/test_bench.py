@@ -134,18 +134,18 @@ def test_an_encode_op_counts_as_its_kernels_and_a_triton_variant_has_them():
     import fxcompress
     from common import build, compress_config
 
-    rows = traffic.traffic("resnet", "int4/triton", "cpu", 2)
+    rows = traffic.traffic("convnet", "int4/triton", "cpu", 2)  # max pools, batch-norms, ReLU masks
     fw = next(r for r in rows if r["pass"] == "forward")
     # the same rewrite (Inductor's partitioner), run as it is: how many encode ops the step has
-    work = build("resnet", "cpu", 2)
+    work = build("convnet", "cpu", 2)
     config = fxcompress.CompressConfig(**{**vars(compress_config("int4/triton")), "base_partitioner": "min_cut"})
     cm = fxcompress.compile(work.model, config, backend="eager")
     work.loss_fn(cm(*work.inputs)).backward()
     ops = sum(n.target is torch.ops.fxcompress.affine_encode.default
               for c in cm.capture_log.captures() for n in c.rewritten.fw.graph.nodes)
     # each op is a kernel, its three outputs are not, and it makes its draws itself: besides the ops, the 1-bit
-    # masks' and the packed max-pool offsets' packs (standalone or fused into their producer: torch 2.13 fuses one of this model's two, 2.11
-    # neither) and the graph's one seed (two kernels: Inductor's seeds, then the randint that reads them).
+    # masks' and the packed max-pool offsets' packs (standalone or fused into their producer, as Inductor's version
+    # decides: torch 2.13 fused one of the zoo ResNet's two, 2.11 neither) and the graph's one seed (two kernels: Inductor's seeds, then the randint that reads them).
     # A norm input's op reads the norm's statistics, views of model nodes, so Inductor's origins for it
     # name model code too: traffic.py classes it "model+encode"
     report = fxcompress.explain(cm).rows
@@ -244,14 +244,14 @@ def test_the_triton_proxy_runs_a_step_with_empty_kernels_and_real_buffers(tmp_pa
     import json
 
     out = tmp_path / "peak.json"
-    cmd = [sys.executable, str(BENCH / "peak.py"), "--device", "cpu", "--backends", "inductor", "--models", "resnet",
+    cmd = [sys.executable, str(BENCH / "peak.py"), "--device", "cpu", "--backends", "inductor", "--models", "convnet",
            "--codecs", "int4", "--batch", "4", "--codegen", "triton", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())["peak"]
     assert row["codegen"] == "triton" and row["backend"] == "inductor" and row["batch"] == 4
     assert 0 < row["measured_gib"] < row["predicted_before_gib"]
-    assert "| resnet | 4 | inductor/triton | int4 |" in report._peak(out, json.loads(out.read_text()))
+    assert "| convnet | 4 | inductor/triton | int4 |" in report._peak(out, json.loads(out.read_text()))
     bad = subprocess.run(cmd[:3] + ["cuda"] + cmd[4:], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--device cpu --backends inductor" in bad.stderr
 

@@ -54,8 +54,11 @@ def test_an_activation_mask_stays_exact_under_a_lossy_codec(act, branch, shape):
     model, x = _NormAct(ACTIVATIONS[act](), branch, shape), torch.randn(n, 3, h, w) * 3
     reference = copy.deepcopy(model)
     reference(x).backward()
+    # NB: what plain torch.compile saves, on one activation of each structure (an Inductor compile
+    # each: the other activations' partitions are the same)
+    plain = ("none",) if act == "relu" or branch else ()
     plain_saved = None
-    for codec in ("none", "int2"):
+    for codec in (*plain, "int2"):
         compressed = copy.deepcopy(model)
         cm = fxcompress.compile(compressed, fxcompress.CompressConfig(codec=codec, min_bytes=0), backend="inductor")
         cm(x).backward()
@@ -67,7 +70,8 @@ def test_an_activation_mask_stays_exact_under_a_lossy_codec(act, branch, shape):
     (mask,) = [r for r in report.rows if r.codec == "bitmask"]
     assert (mask.bytes_before, mask.bytes_after) == (0, math.prod(shape) // 8)
     assert "recomputed values" in mask.reason
-    assert report.saved_bytes_before == plain_saved  # what plain torch.compile saves
+    if plain:
+        assert report.saved_bytes_before == plain_saved  # what plain torch.compile saves
 
 
 def test_a_comparison_of_a_saved_tensor_itself_stays_with_its_codec():
