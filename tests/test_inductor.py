@@ -66,8 +66,9 @@ def test_partitioner_uuid_follows_the_config():
 
 def test_the_record_is_the_program_fxcompress_built():
     """Inductor's passes edit the graphs they compile in place (on torch 2.11 its noop removal
-    erased a saved cast that the record still named): the compilers get copies."""
-    model, x = make_model("convnet")
+    erased a saved cast that the record still named): the compilers get copies. The graphs of
+    test_blpa.py's autocast test (one compile in Inductor's cache for both)."""
+    model, x = two_stage_cnn()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         trained = train_step(model, x, compressed("blpa4", "inductor"))
     (cap,) = trained.module.capture_log.captures()
