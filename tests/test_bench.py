@@ -144,8 +144,8 @@ def test_an_encode_op_counts_as_its_kernels_and_a_triton_variant_has_them():
     ops = sum(n.target is torch.ops.fxcompress.affine_encode.default
               for c in cm.capture_log.captures() for n in c.rewritten.fw.graph.nodes)
     # each op is a kernel, its three outputs are not, and it makes its draws itself: besides the ops, the 1-bit
-    # masks' and the packed max-pool offsets' packs (standalone or fused into their producer, as Inductor's version
-    # decides: torch 2.13 fused one of the zoo ResNet's two, 2.11 neither) and the graph's one seed (two kernels: Inductor's seeds, then the randint that reads them).
+    # masks' and the packed max-pool offsets' packs (standalone or fused into their producer, as Inductor's
+    # version decides) and the graph's one seed (two kernels: Inductor's seeds, then the randint that reads them).
     # A norm input's op reads the norm's statistics, views of model nodes, so Inductor's origins for it
     # name model code too: traffic.py classes it "model+encode"
     report = fxcompress.explain(cm).rows
