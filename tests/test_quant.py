@@ -10,8 +10,9 @@ import fxcompress
 from fxcompress.codecs import Layout
 from fxcompress.codecs.base import pack_bits, unpack_bits
 from fxcompress.codecs.quant import ClampedAffine, GroupAffine, GroupFP8, MaskedLossy, Normalized, SplitAffine
-from fxcompress.codecs.uses import Predicate
-from conftest import ZOO_NAMES, compressed, grads_cosine, make_model, train_step, two_stage_cnn
+from fxcompress.codecs.uses import Predicate, terminal_users
+from fxcompress.ir import META_KEY
+from conftest import ZOO_NAMES, compressed, grads_cosine, make_model, one_block_resnet, train_step, two_stage_cnn
 
 SHAPES = [(1000,), (3, 5, 7), (8, 16, 9, 9), (2, 3, 257)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -879,3 +880,66 @@ def test_a_derivative_under_bf16_autocast_is_saved_in_the_inputs_dtype():
     derivatives = [r for r in rows if "derivative, saved in place of its input" in r.reason]
     assert len(derivatives) == 2 and all(r.dtype == "bfloat16" and r.codec == "int4" for r in derivatives)
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+class _TwoConvs(torch.nn.Module):
+    """conv -> ReLU -> conv: the second convolution's input is a coded ReLU output; the first
+    convolution's weight gradient reaches it only through the second's input gradient (which reads
+    no decoded value) and the ReLU's exact mask, so it is plain training's."""
+
+    def __init__(self, stride, dilation, groups):
+        super().__init__()
+        self.first = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.second = torch.nn.Conv2d(8, 8, 3, stride=stride, padding=2, dilation=dilation, groups=groups)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+@pytest.mark.parametrize("stride, dilation, groups, channels_last, backend", [
+    (1, 1, 1, False, "eager"), (2, 1, 1, True, "eager"), (2, 2, 8, False, "eager"), (3, 1, 2, True, "eager"),
+    (2, 1, 1, True, "inductor")])
+def test_a_decoded_convolution_input_is_gone_before_its_input_gradient(stride, dilation, groups, channels_last,
+                                                                       backend):
+    torch.manual_seed(0)
+    model, x = _TwoConvs(stride, dilation, groups), torch.randn(2, 4, 13, 11)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    plain = train_step(model, x, lambda m: m)
+    got = train_step(model, x, compressed("int8", backend))
+    torch.testing.assert_close(got.output, plain.output, rtol=1e-6, atol=1e-6)
+    # the input gradient of the second convolution, as a transposed convolution: sizes, strides and values
+    torch.testing.assert_close(got.grads["first.weight"], plain.grads["first.weight"], rtol=1e-5, atol=1e-6)
+    assert grads_cosine({"w": got.grads["second.weight"]}, {"w": plain.grads["second.weight"]}) > 0.999
+    bw = got.module.capture_log.captures()[0].rewritten.bw.graph
+    backwards = [n for n in bw.nodes if n.target is torch.ops.aten.convolution_backward.default]
+    transposed = [n for n in bw.nodes if n.target is torch.ops.aten.convolution.default and n.args[6]]
+    assert [list(n.args[10]) for n in backwards] == [[False, True, True], [False, True, False]]
+    assert len(transposed) == 1 and transposed[0].args[0] is backwards[0].args[0]  # the same output gradient
+    if backend == "inductor":  # the ReLU's mask has a decode of its own there; the eager backend's reads this one
+        order = {n: i for i, n in enumerate(bw.nodes)}
+        assert max(order[u] for u in terminal_users(backwards[0].args[1])) < order[transposed[0]]
+
+
+def test_a_block_input_both_convolutions_read_is_decoded_once_where_the_later_one_runs():
+    """The shortcut's convolution and the block's first one read the coded block input; the backward
+    reaches the shortcut's a branch earlier. Its two gradients move down beside the first one's,
+    where one decode serves both, so neither the decoded input nor the shortcut's input gradient is
+    alive through the other branch's backward."""
+    model, x = one_block_resnet()
+    plain = train_step(model, x, lambda m: m)
+    got = train_step(model, x, compressed("int8"))
+    assert grads_cosine(got.grads, plain.grads) > 0.999
+    bw = got.module.capture_log.captures()[0].rewritten.bw.graph
+    order = {n: i for i, n in enumerate(bw.nodes)}
+    block = model[3]
+    weights = {n.args[2].meta["val"].shape: n for n in bw.nodes if n.target is torch.ops.aten.convolution_backward.default}
+    shortcut, first = weights[block.shortcut[0].weight.shape], weights[block.conv1.weight.shape]
+    decoded = shortcut.args[1]
+    assert first.args[1] is decoded  # one decode for both
+    products = {torch.ops.aten.convolution_backward.default, torch.ops.aten.convolution.default}
+    between = [n for n in bw.nodes if order[shortcut] < order[n] < order[first] and n.target in products]
+    assert all(n.meta.get(META_KEY, {}).get("of") == shortcut.meta[META_KEY]["of"] for n in between)  # its data gradient
+    starts = min(order[n] for n in bw.nodes if (n.meta.get(META_KEY) or {}).get("of") == decoded.meta[META_KEY]["of"]
+                 and n.meta[META_KEY].get("role") == "decode")
+    assert not [n for n in bw.nodes if starts < order[n] < order[shortcut] and n.target in products]

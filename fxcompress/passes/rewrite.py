@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from typing import Any, Callable, Mapping
 
 import torch
@@ -28,11 +29,11 @@ import torch.fx as fx
 
 from ..codecs.base import Layout
 from ..codecs.kernels import share_seed
-from ..codecs.uses import VIEW_OPS, PredicateUse, ShapeUse, uses_of
+from ..codecs.uses import VIEW_OPS, PredicateUse, ShapeUse, terminal_users, uses_of
 from ..errors import InternalError
 from ..ir import META_KEY, CodecPlan, Program, SavedTensor, graph_module
 from .select import view_chain
-from .splice import copy_node, splice
+from .splice import call_node, copy_node, splice
 
 __all__ = ["rewrite_saved_tensors"]
 
@@ -130,6 +131,8 @@ def rewrite_saved_tensors(
                      inductor=pin_layouts)
         saved_outputs[saved.index] = []
 
+    _split_convolution_backwards(bw.graph)
+    _sink_early_readers(bw.graph)
     share_seed(fw.graph)  # encoders="triton": one seed for the graph's draws
     rest = outputs[n_user + len(program.saved):]
     new_saved = [n for parts in saved_outputs for n in parts]
@@ -343,3 +346,150 @@ def _check_same_layout(original: fx.Node, decoded: fx.Node) -> None:
             f"decoded {original.name} has layout {tuple(b.shape)}/{b.stride()}/{b.dtype}, "
             f"expected {tuple(a.shape)}/{a.stride()}/{a.dtype}"
         )
+
+
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+
+
+def _split_convolution_backwards(graph: fx.Graph) -> None:
+    """A convolution's backward whose input is decoded computes the weight's gradient first, on its own,
+    and then the input's, as a transposed convolution of the output's gradient, which reads no input.
+
+    One ``convolution_backward`` call holds the decoded input until both gradients are written, so
+    the input's gradient (the same size, or larger under a stride) is allocated while the decoded
+    input is still alive: a moment every convolution of a coded model passed through, and where the
+    Triton proxy's ResNet-50 ``int2`` step peaked (layer2's first convolution). Split, the decoded
+    input is dropped before the input's gradient exists. The kernels are the ones a
+    ``convolution_backward`` runs (a weight-gradient and a data-gradient convolution).
+    """
+    for node in list(graph.nodes):
+        if node.target is not _CONV_BACKWARD:
+            continue
+        grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = node.args
+        if transposed or not (mask[0] and mask[1]) or not _is_decoded(x):
+            continue
+        fake_mode = grad.meta["val"].fake_mode
+        in_shape, out_shape, k = x.meta["val"].shape, grad.meta["val"].shape, weight.meta["val"].shape
+        # NB: the transposed convolution's output size: (out - 1) * s - 2p + d (k - 1) + 1 + output_padding
+        extra = [in_shape[2 + i] - ((out_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[2 + i] - 1) + 1)
+                 for i in range(len(stride))]
+        tag = {"role": "model", "of": node.name}
+        with graph.inserting_before(node):
+            weights = call_node(graph, _CONV_BACKWARD, (grad, x, weight, bias_sizes, stride, padding, dilation, False,
+                                                        output_padding, groups, [False, True, mask[2]]),
+                                fake_mode=fake_mode, tag=tag)
+            data = call_node(graph, torch.ops.aten.convolution.default,
+                             (grad, weight, None, stride, padding, dilation, True, extra, groups),
+                             fake_mode=fake_mode, tag=tag)
+        (expected,) = [u.meta["val"] for u in node.users if u.target is operator.getitem and u.args[1] == 0] or [None]
+        got = data.meta["val"]
+        if expected is None or (tuple(got.shape), got.stride(), got.dtype) != (tuple(expected.shape), expected.stride(), expected.dtype):
+            # NB: the data gradient follows the output gradient's layout, convolution_backward's the input's
+            # (a contiguous input under Inductor's channels-last convolutions on a CPU): kept whole, no copy
+            graph.erase_node(data)
+            graph.erase_node(weights)
+            continue
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(data)
+                graph.erase_node(user)
+            else:
+                user.replace_input_with(node, weights)
+        graph.erase_node(node)
+
+
+def _is_decoded(x: fx.Node) -> bool:
+    """Whether ``x`` (through views and layout pins) is the output of a decoder."""
+    while True:
+        tag = x.meta.get(META_KEY)
+        if isinstance(tag, dict) and tag.get("role") == "decode":
+            return True
+        if x.op != "call_function" or not x.args or not isinstance(x.args[0], fx.Node):
+            return False
+        if x.target not in VIEW_OPS and x.target is not torch.ops.prims.inductor_force_stride_order.default:
+            return False
+        x = x.args[0]
+
+
+
+def _sink_early_readers(graph: fx.Graph) -> None:
+    """A decoded input that two convolutions read (a ResNet stage's first block: its shortcut's and its
+    first convolution's) is decoded once, for the later of them: the earlier one's two gradients
+    (:func:`_split_convolution_backwards`) and what reads them before that point move down to it.
+
+    The backward reaches the shortcut's convolution a whole branch before the first convolution. Run
+    where it was, it held the decoded input and wrote the shortcut's input gradient, both alive through
+    the other branch's backward; moved, only its output gradient is (a quarter of that, for ResNet's
+    stride-2 shortcut, in bf16).
+    """
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    pairs = {}
+    for node in graph.nodes:
+        tag = node.meta.get(META_KEY)
+        if isinstance(tag, dict) and tag.get("role") == "model" and node.target in (_CONV_BACKWARD, _CONV):
+            pairs.setdefault(tag["of"], []).append(node)
+    for out in [n for n in graph.nodes if _decode_output(n)]:
+        readers = sorted((u for u in terminal_users(out) if u.target is _CONV_BACKWARD), key=order.__getitem__)
+        if len(readers) < 2:
+            continue
+        target = readers[-1]
+        for reader in readers[:-1]:
+            unit = _movable(pairs.get((reader.meta.get(META_KEY) or {}).get("of"), [reader]), target, order)
+            if unit is None:
+                continue
+            for node in sorted(unit, key=order.__getitem__):
+                target.prepend(node)
+        _move_decoder_before(out, graph)
+
+
+def _movable(roots, target, order) -> list | None:
+    """``roots`` and the nodes reading them (recursively) that run before ``target``: what must move to
+    just before ``target`` for ``roots`` to run there; None if that is more than a handful of nodes."""
+    unit, stack = set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node in unit or order[node] >= order[target]:
+            continue
+        unit.add(node)
+        if len(unit) > 16:
+            return None
+        stack.extend(node.users)
+    return list(unit)
+
+
+def _move_decoder_before(out: fx.Node, graph: fx.Graph) -> None:
+    """Move the decoder ``out`` ends, and the views of ``out`` its readers read, to just before its first reader."""
+    views, stack = [], list(out.users)
+    while stack:
+        node = stack.pop()
+        if node.op == "call_function" and node.target in VIEW_OPS and node.args[0] in (out, *views):
+            views.append(node)
+            stack.extend(node.users)
+    readers = set(terminal_users(out))
+    first = next(n for n in graph.nodes if n in readers)
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for node in _decoder_nodes(out) + sorted(views, key=position.__getitem__):
+        first.prepend(node)
+
+
+_CONV = torch.ops.aten.convolution.default
+
+
+def _decode_output(node: fx.Node) -> bool:
+    """The last node of a decoder: tagged ``decode``, read by no node tagged alike."""
+    tag = node.meta.get(META_KEY)
+    if not (isinstance(tag, dict) and tag.get("role") == "decode") or node.op != "call_function":
+        return False
+    return all(u.meta.get(META_KEY) != tag for u in node.users)
+
+
+def _decoder_nodes(out: fx.Node) -> list[fx.Node]:
+    """The nodes of the decoder ``out`` ends, in graph order: its ancestors tagged as it is."""
+    tag, seen, stack = out.meta[META_KEY], set(), [out]
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op != "call_function" or node.meta.get(META_KEY) != tag:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return [n for n in out.graph.nodes if n in seen]
