@@ -13,9 +13,13 @@ After (``PredicateMask``: 1 bit per element)::
 Encoders go right after the producer, decoders right before the first
 backward use, so the full tensor lives as briefly as possible (under
 Inductor, the readers of a predicate the codec keeps apart, a ReLU
-backward's ``x <= 0``, have a decode of their own: :func:`_decode_into`). An alias
-(a saved view of another saved tensor) is not saved: the backward replays
-the view ops on its base. The input program is not modified.
+backward's ``x <= 0``, have a decode of their own: :func:`_decode_into`). A
+convolution whose input is decoded computes its two gradients apart, the
+weight's first (:func:`_split_convolution_backwards`), and two convolutions
+that read one decoded input run side by side (:func:`_sink_early_readers`),
+so that no decoded input is alive while another gradient its size is made.
+An alias (a saved view of another saved tensor) is not saved: the backward
+replays the view ops on its base. The input program is not modified.
 """
 from __future__ import annotations
 
