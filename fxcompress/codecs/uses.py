@@ -417,7 +417,7 @@ def terminal_users(node: fx.Node) -> list[fx.Node]:
 def uses_of(node: fx.Node) -> list[tuple[fx.Node, Use]]:
     """How each terminal user of ``node`` reads it (one entry per argument slot)."""
     result: list[tuple[fx.Node, Use]] = []
-    sources = _view_closure(node)
+    sources = view_closure(node)
     for user in terminal_users(node):
         slots = [i for i, a in enumerate(user.args) if a in sources]
         slots += [k for k, a in user.kwargs.items() if a in sources]
@@ -431,11 +431,12 @@ def uses_of(node: fx.Node) -> list[tuple[fx.Node, Use]]:
     return result
 
 
-def _view_closure(node: fx.Node) -> set[fx.Node]:
+def view_closure(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every view of it, through chains of view ops."""
     seen = {node}
     for user in node.users:
         if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
-            seen |= _view_closure(user)
+            seen |= view_closure(user)
     return seen
 
 

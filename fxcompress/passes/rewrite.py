@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from ..codecs.base import Layout
 from ..codecs.kernels import share_seed
-from ..codecs.uses import VIEW_OPS, PredicateUse, ShapeUse, terminal_users, uses_of
+from ..codecs.uses import VIEW_OPS, PredicateUse, ShapeUse, terminal_users, uses_of, view_closure, view_root
 from ..errors import InternalError
 from ..ir import META_KEY, CodecPlan, Program, SavedTensor, graph_module
 from .select import view_chain
@@ -353,6 +353,14 @@ def _check_same_layout(original: fx.Node, decoded: fx.Node) -> None:
 
 
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+_CONV = torch.ops.aten.convolution.default
+_PIN = torch.ops.prims.inductor_force_stride_order.default
+
+
+def _role(node: fx.Node) -> str | None:
+    """The fxcompress role a node is tagged with (``decode``, ``model``, ...), if any."""
+    tag = node.meta.get(META_KEY)
+    return tag.get("role") if isinstance(tag, dict) else None
 
 
 def _split_convolution_backwards(graph: fx.Graph) -> None:
@@ -382,10 +390,10 @@ def _split_convolution_backwards(graph: fx.Graph) -> None:
             weights = call_node(graph, _CONV_BACKWARD, (grad, x, weight, bias_sizes, stride, padding, dilation, False,
                                                         output_padding, groups, [False, True, mask[2]]),
                                 fake_mode=fake_mode, tag=tag)
-            data = call_node(graph, torch.ops.aten.convolution.default,
+            data = call_node(graph, _CONV,
                              (grad, weight, None, stride, padding, dilation, True, extra, groups),
                              fake_mode=fake_mode, tag=tag)
-        (expected,) = [u.meta["val"] for u in node.users if u.target is operator.getitem and u.args[1] == 0] or [None]
+        expected = next((u.meta["val"] for u in node.users if u.target is operator.getitem and u.args[1] == 0), None)
         got = data.meta["val"]
         if expected is None or (tuple(got.shape), got.stride(), got.dtype) != (tuple(expected.shape), expected.stride(), expected.dtype):
             # NB: the data gradient follows the output gradient's layout, convolution_backward's the input's
@@ -404,16 +412,10 @@ def _split_convolution_backwards(graph: fx.Graph) -> None:
 
 def _is_decoded(x: fx.Node) -> bool:
     """Whether ``x`` (through views and layout pins) is the output of a decoder."""
-    while True:
-        tag = x.meta.get(META_KEY)
-        if isinstance(tag, dict) and tag.get("role") == "decode":
-            return True
-        if x.op != "call_function" or not x.args or not isinstance(x.args[0], fx.Node):
-            return False
-        if x.target not in VIEW_OPS and x.target is not torch.ops.prims.inductor_force_stride_order.default:
-            return False
-        x = x.args[0]
-
+    node = view_root(x)
+    while node.op == "call_function" and node.target is _PIN:
+        node = view_root(node.args[0])
+    return _role(node) == "decode"
 
 
 def _sink_early_readers(graph: fx.Graph) -> None:
@@ -429,9 +431,8 @@ def _sink_early_readers(graph: fx.Graph) -> None:
     order = {node: i for i, node in enumerate(graph.nodes)}
     pairs = {}
     for node in graph.nodes:
-        tag = node.meta.get(META_KEY)
-        if isinstance(tag, dict) and tag.get("role") == "model" and node.target in (_CONV_BACKWARD, _CONV):
-            pairs.setdefault(tag["of"], []).append(node)
+        if _role(node) == "model" and node.target in (_CONV_BACKWARD, _CONV):
+            pairs.setdefault(node.meta[META_KEY]["of"], []).append(node)
     for out in [n for n in graph.nodes if _decode_output(n)]:
         readers = sorted((u for u in terminal_users(out) if u.target is _CONV_BACKWARD), key=order.__getitem__)
         if len(readers) < 2:
@@ -463,28 +464,18 @@ def _movable(roots, target, order) -> list | None:
 
 def _move_decoder_before(out: fx.Node, graph: fx.Graph) -> None:
     """Move the decoder ``out`` ends, and the views of ``out`` its readers read, to just before its first reader."""
-    views, stack = [], list(out.users)
-    while stack:
-        node = stack.pop()
-        if node.op == "call_function" and node.target in VIEW_OPS and node.args[0] in (out, *views):
-            views.append(node)
-            stack.extend(node.users)
     readers = set(terminal_users(out))
     first = next(n for n in graph.nodes if n in readers)
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    for node in _decoder_nodes(out) + sorted(views, key=position.__getitem__):
+    views = view_closure(out) - {out}
+    for node in _decoder_nodes(out) + [n for n in graph.nodes if n in views]:
         first.prepend(node)
-
-
-_CONV = torch.ops.aten.convolution.default
 
 
 def _decode_output(node: fx.Node) -> bool:
     """The last node of a decoder: tagged ``decode``, read by no node tagged alike."""
-    tag = node.meta.get(META_KEY)
-    if not (isinstance(tag, dict) and tag.get("role") == "decode") or node.op != "call_function":
+    if _role(node) != "decode" or node.op != "call_function":
         return False
-    return all(u.meta.get(META_KEY) != tag for u in node.users)
+    return all(u.meta.get(META_KEY) != node.meta[META_KEY] for u in node.users)
 
 
 def _decoder_nodes(out: fx.Node) -> list[fx.Node]:
